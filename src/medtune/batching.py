@@ -1,0 +1,68 @@
+"""Turn (text, answer) records into token sequences and length-grouped batches.
+
+Each example is ``prompt_ids + answer_ids + [eos]``; only the answer and EOS are supervised.
+Batches group examples of similar length (less padding) but stay a deterministic function of
+(seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from medtune.scoring import truncate_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    n_prompt: int  # positions [0, n_prompt) are prompt: no loss
+
+
+def encode_examples(template, tokenizer, texts: Sequence[str], answers: Sequence[str],
+                    max_length: int) -> list[Example]:
+    out = []
+    for text, answer in zip(texts, answers, strict=True):
+        ans = template.answer_ids(tokenizer, answer)
+        prompt = truncate_prompt(template.prompt_ids(tokenizer, text), max(8, max_length - len(ans)))
+        out.append(Example(input_ids=prompt + ans, n_prompt=len(prompt)))
+    return out
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = True, mega: int = 32) -> list[list[int]]:
+    """Index batches for one epoch: shuffle, sort within mega-batches by length, shuffle batches."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        span = batch_size * mega
+        order = [i for s in range(0, len(order), span)
+                 for i in sorted(order[s:s + span], key=lambda j: -lengths[j])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; labels are IGNORE on prompt and padding."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, e.n_prompt:n] = ids[i, e.n_prompt:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

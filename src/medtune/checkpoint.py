@@ -1,0 +1,79 @@
+"""Crash-safe checkpoints: written to a temporary directory, marked COMPLETE, then renamed.
+
+A directory ``checkpoints/step-N`` without ``COMPLETE`` is never loaded. Weights are safetensors;
+optimizer state is loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medtune.fsutil import atomic_dir, read_json, write_json
+
+MARKER = "COMPLETE"
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    target = run_dir / "checkpoints" / f"step-{step:07d}"
+    with atomic_dir(target) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        write_json(tmp / "trainer_state.json", {
+            **state, "step": step, "scheduler": scheduler.state_dict(),
+            "python_random": list(random.getstate()[1]),
+        })
+        (tmp / MARKER).write_text("ok\n")  # last file written before the rename
+    prune(run_dir, keep)
+    return target
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    root = run_dir / "checkpoints"
+    done = complete_checkpoints(run_dir)
+    for old in done[: max(0, len(done) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for junk in root.glob(".step-*"):  # temporary dirs left by a crash mid-write
+        shutil.rmtree(junk, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = read_json(path / "trainer_state.json")
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    py = state.pop("python_random")
+    random.setstate((3, tuple(py), None))
+    return state

@@ -1,0 +1,197 @@
+"""Command line: verb -> function. Heavy modules are imported inside each command so that
+``medtune --help`` is instant. Errors from bad input print one line and exit 2 (``--debug`` shows
+the traceback)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medtune.errors import MedtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune causal LMs into medical classifiers with QLoRA.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, split, scrub and synthesize data.")
+base_app = typer.Typer(no_args_is_help=True, help="The embedded tiny base model.")
+config_app = typer.Typer(no_args_is_help=True, help="Show resolved configuration.")
+app.add_typer(data_app, name="data")
+app.add_typer(base_app, name="base")
+app.add_typer(config_app, name="config")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+TextCol = Annotated[str | None, typer.Option("--text-column", help="Text column (auto-detected).")]
+LabelCol = Annotated[str | None, typer.Option("--label-column", help="Label column (auto-detected).")]
+Task = Annotated[str, typer.Option("--task", help="protocol or mcqa.")]
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- config
+@config_app.command("show")
+def config_show(file: Annotated[Path | None, typer.Argument(help="YAML config.")] = None,
+                overrides: Overrides = None,
+                fields: Annotated[bool, typer.Option("--fields", help="List every key with its help.")] = False) -> None:
+    """Print the resolved configuration (defaults <- FILE <- overrides)."""
+    import yaml
+
+    from medtune.config import field_help, load_config
+
+    cfg = load_config(file, overrides)
+    if fields:
+        for key, value, help_text in field_help(cfg):
+            print(f"{key} = {value!r}\n    {help_text}")
+        return
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("inspect")
+def data_inspect(file: Path, against: Annotated[Path | None, typer.Option(help="Check leakage against this file.")] = None,
+                 task: Task = "protocol", text_column: TextCol = None, label_column: LabelCol = None,
+                 tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir for token lengths.")] = None,
+                 show_examples: Annotated[bool, typer.Option("--show-examples", help="Print example notes (may hold PHI).")] = False,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
+    """Label counts, lengths, duplicates, near-duplicate labels and leakage (counts only)."""
+    from medtune.data import inspect_data, render_inspect
+
+    tok = None
+    if tokenizer:
+        from medtune.model import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    summary = inspect_data(file, against=against, task=task, text_column=text_column,
+                           label_column=label_column, tokenizer=tok, show_examples=show_examples)
+    _print_json(summary) if as_json else render_inspect(summary)
+
+
+@data_app.command("split")
+def data_split(file: Path, output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+               config: ConfigOpt = None, overrides: Overrides = None, task: Task = "protocol",
+               text_column: TextCol = None, label_column: LabelCol = None,
+               min_count: Annotated[int | None, typer.Option(help="Drop labels rarer than this (default 50).")] = None,
+               seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
+               cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
+               overwrite: Overwrite = False) -> None:
+    """Clean, dedup, filter rare labels and split into train/val/test (leakage-free)."""
+    from medtune.config import load_config
+    from medtune.data import split_data
+
+    cfg = load_config(config, overrides)
+    cfg.data.task = task if task != "protocol" else cfg.data.task
+    for key, value in (("text_column", text_column), ("label_column", label_column),
+                       ("min_count", min_count), ("seed", seed)):
+        if value is not None:
+            setattr(cfg.data, key, value)
+    card = split_data(file, output, cfg.data, overwrite=overwrite, cop_base=cop_base)
+    sizes = card.get("splits", card.get("split_sizes", {}))
+    print(f"wrote {output}: {sizes}; labels kept: {len(card.get('labels_kept', card.get('labels', [])))}")
+
+
+@data_app.command("synth")
+def data_synth(task: Task = "protocol", n: Annotated[int, typer.Option(help="Rows.")] = 2000,
+               output: Annotated[Path, typer.Option("--output", "-o", help="CSV/JSONL/Parquet file.")] = Path("synth.csv"),
+               seed: int = 0, imbalance: Annotated[float, typer.Option(help="Zipf exponent of class sizes.")] = 1.0,
+               label_noise: Annotated[float, typer.Option(help="Fraction of flipped labels.")] = 0.0,
+               overwrite: Overwrite = False) -> None:
+    """Generate synthetic protocol notes or MedMCQA-style questions (deterministic per seed)."""
+    from medtune.synth import write_synth
+
+    path = write_synth(task, n, output, seed=seed, imbalance=imbalance, label_noise=label_noise,
+                       overwrite=overwrite)
+    print(f"wrote {n} {task} rows to {path}")
+
+
+@data_app.command("scrub")
+def data_scrub(file: Path, output: Annotated[Path, typer.Option("--output", "-o")],
+               text_column: TextCol = None, overwrite: Overwrite = False) -> None:
+    """Replace PHI (names, dates, phone, MRN, ...) with typed placeholders like [DATE]."""
+    from medtune.phi import scrub_file
+
+    counts = scrub_file(file, output, text_column=text_column, overwrite=overwrite)
+    _print_json(counts)
+
+
+# ----------------------------------------------------------------------------- base / train / merge
+@base_app.command("build")
+def base_build(data: Annotated[Path, typer.Option(help="Notes to train tokenizer and model on.")],
+               output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory (default: cache).")] = None,
+               text_column: TextCol = None, steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 300,
+               seed: int = 0) -> None:
+    """Build the embedded tiny base (BPE tokenizer + small Llama, pretrained on the notes)."""
+    from medtune.base import BaseSpec, build_base
+    from medtune.data import load_labeled
+
+    df = load_labeled(data, text_column=text_column, require_labels=False, drop_empty=True)
+    path = build_base(list(df["text"]), output, BaseSpec(steps=steps, seed=seed))
+    print(path)
+
+
+@app.command("train")
+def train_cmd(data: Annotated[Path, typer.Option(help="Training file (CSV/JSONL/Parquet).")],
+              output: Annotated[Path, typer.Option("--output", "-o", help="Run directory.")],
+              val: Annotated[Path | None, typer.Option(help="Validation file (default: hold out data.val_fraction).")] = None,
+              base: Annotated[str | None, typer.Option(help="'embedded', HF model dir, or hub id.")] = None,
+              config: ConfigOpt = None, overrides: Overrides = None,
+              resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+              track: Annotated[bool, typer.Option("--track", help="Log to MLflow.")] = False,
+              overwrite: Overwrite = False) -> None:
+    """QLoRA (or LoRA / full) fine-tuning with answer-only loss, checkpoints and resume."""
+    from medtune.config import load_config
+    from medtune.train import train
+
+    cfg = load_config(config, overrides)
+    if base:
+        cfg.model.base = base
+    callbacks = []
+    if track:
+        from medtune.registry import mlflow_callback
+
+        callbacks.append(mlflow_callback(cfg, output))
+    run = train(cfg, str(data), output, val=str(val) if val else None, resume=resume,
+                overwrite=overwrite, callbacks=callbacks)
+    for cb in callbacks:
+        if hasattr(cb, "finish"):
+            cb.finish(run)
+    from medtune.train import read_summary
+
+    summ = read_summary(run)
+    acc = summ.get("val_accuracy")
+    print(f"run saved to {run}" + (f" (val accuracy {acc:.3f})" if acc is not None else ""))
+
+
+@app.command("merge")
+def merge_cmd(run_dir: Path, output: Annotated[Path, typer.Option("--output", "-o")],
+              dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+              overwrite: Overwrite = False) -> None:
+    """Merge a LoRA adapter into an unquantized base and verify the logits match."""
+    from medtune.merge import merge
+
+    _print_json(merge(run_dir, output, dtype=dtype, overwrite=overwrite))
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=True)
+    except MedtuneError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

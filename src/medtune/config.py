@@ -1,0 +1,246 @@
+"""Configuration: one dataclass per concern, YAML files, dotted overrides (``train.lr=1e-4``).
+
+Every field carries a help string (``medtune config show --help-fields`` lists them). Unknown keys
+are errors that name the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtune.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("protocol", "Task family: 'protocol' (text -> label) or 'mcqa' (multiple choice).")
+    text_column: str | None = _f(None, "Text column; detected among common names when unset.")
+    label_column: str | None = _f(None, "Label column; detected among common names when unset.")
+    min_count: int = _f(50, "Drop labels with fewer examples than this before splitting.")
+    val_fraction: float = _f(0.1, "Fraction of rows for the validation split.")
+    test_fraction: float = _f(0.1, "Fraction of rows for the test split.")
+    seed: int = _f(0, "Seed for splitting and shuffling.")
+    max_field_bytes: int = _f(1_000_000, "Reject any field larger than this many bytes.")
+    scrub_phi: bool = _f(False, "Replace PHI in notes with typed placeholders before training.")
+
+
+@dataclass
+class ModelConfig:
+    base: str = _f("embedded", "Base model: 'embedded', a local HF directory, or a hub id.")
+    quantization: str = _f("nf4", "Base weights: 'nf4' (4-bit NF4 + double quant), '8bit' or 'none'.")
+    compute_dtype: str = _f("auto", "'auto' (fp32 on CPU, bf16 on Ampere+, fp16 on older GPUs), "
+                                    "'float32', 'bfloat16' or 'float16'.")
+    device: str = _f("auto", "'auto', 'cpu' or 'cuda'.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager').")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(True, "Train LoRA adapters; false means full fine-tuning (needs quantization=none).")
+    r: int = _f(64, "LoRA rank (original radiology project: 64).")
+    alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    target_modules: str | list[str] = _f("all-linear", "Modules to adapt: 'all-linear' or a list of names.")
+    rslora: bool = _f(False, "Rank-stabilized LoRA scaling (alpha/sqrt(r)).")
+    dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(1.0, "Passes over the training data (fractions allowed).")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: use epochs).")
+    batch_size: int = _f(16, "Examples per optimizer step per process (before accumulation split).")
+    micro_batch_size: int = _f(0, "Examples per forward pass; 0 = batch_size. Halved on OOM.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    scheduler: str = _f("cosine", "'cosine', 'linear' or 'constant' after warmup.")
+    warmup_steps: int = _f(10, "Linear warmup steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    max_length: int = _f(256, "Truncate prompts so prompt + answer fit in this many tokens.")
+    group_by_length: bool = _f(True, "Batch examples of similar length to cut padding.")
+    optimizer: str = _f("auto", "'auto' (paged 8-bit AdamW on CUDA, AdamW on CPU), 'adamw', 'adamw8bit'.")
+    eval_every: int = _f(50, "Validate every N steps (0: only at the end).")
+    eval_samples: int = _f(200, "Validation examples used for loss and label accuracy.")
+    save_every: int = _f(50, "Write a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints.")
+    log_every: int = _f(5, "Append to metrics.jsonl every N steps.")
+    seed: int = _f(0, "Seed for initialisation, dropout and data order.")
+
+
+@dataclass
+class PredictConfig:
+    mode: str = _f("constrained", "'constrained' (score each label) or 'generate' (free text).")
+    batch_size: int = _f(0, "Notes per batch; 0 = automatic.")
+    top_k: int = _f(3, "Alternatives reported per row.")
+    min_confidence: float = _f(0.0, "Abstain (flag for human review) below this label probability.")
+    max_new_tokens: int = _f(16, "Generation mode: new tokens per note.")
+    temperature: float = _f(0.0, "Generation mode: 0 = greedy.")
+    top_p: float = _f(1.0, "Generation mode: nucleus sampling threshold.")
+    chunk_rows: int = _f(2048, "Rows read and written per chunk (bounded memory on big inputs).")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        candidates = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and "," in value:  # 'q_proj,v_proj': a list where one is allowed
+            candidates.sort(key=lambda a: typing.get_origin(a) is not list)
+        errors = []
+        for arg in candidates:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else str, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+            if tp is int:
+                if number != int(number):
+                    raise ValueError
+                return int(number)
+            return number
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, key: str, value: Any) -> None:
+    """Set dotted ``key`` (e.g. 'train.lr') on the nested dataclass ``obj``."""
+    parts = key.split(".")
+    target = obj
+    path = []
+    for part in parts[:-1]:
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names or not dataclasses.is_dataclass(getattr(target, part)):
+            sections = [n for n in names if dataclasses.is_dataclass(getattr(target, n))]
+            raise ConfigError(f"unknown config section '{'.'.join([*path, part])}'"
+                              f"{_closest(part, sections)}")
+        target = getattr(target, part)
+        path.append(part)
+    hints = typing.get_type_hints(type(target))
+    names = [f.name for f in dataclasses.fields(target)]
+    leaf = parts[-1]
+    if leaf not in names:
+        valid = [".".join([*path, n]) for n in names]
+        raise ConfigError(f"unknown config key '{key}'{_closest(key, valid)}")
+    if dataclasses.is_dataclass(getattr(target, leaf)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings")
+        for sub, sub_value in value.items():
+            _apply(obj, f"{key}.{sub}", sub_value)
+        return
+    setattr(target, leaf, _coerce(value, hints[leaf], key))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse 'train.lr=1e-4' into ('train.lr', 0.0001) using YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then dotted overrides, in that order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in raw.items():
+            try:
+                _apply(cfg, str(section), values)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _apply(cfg, key, value)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    for section, values in data.items():
+        _apply(cfg, section, values)
+    return cfg
+
+
+def field_help(cfg: Config | None = None) -> list[tuple[str, Any, str]]:
+    """(dotted key, current value, help) for every field."""
+    cfg = cfg or Config()
+    rows = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            rows.append((f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,412 @@
+"""Data in: read CSV/TSV/JSONL/Parquet, find the text and label columns, validate, normalize.
+
+Every problem with the input raises DataError with one line naming the file, the row and the
+column. Note text never appears in a message: it may hold PHI.
+
+``split_data`` (medtune.datacard) and ``inspect_data`` / ``render_inspect`` (medtune.inspect)
+are importable from here too.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import re
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medtune.errors import ConfigError, DataError
+from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
+from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
+
+DELIMITED = {".csv": ",", ".tsv": "\t", ".txt": None}  # None: sniff the delimiter
+JSON_LINES = {".jsonl", ".ndjson", ".json"}
+PARQUET = {".parquet", ".pq"}
+SUPPORTED = ", ".join([*DELIMITED, *sorted(JSON_LINES), *sorted(PARQUET)])
+TASKS = ("protocol", "mcqa")
+MCQA_COLUMNS = ["id", "question", *OPTION_COLUMNS, "cop", "subject_name", "choice_type", "exp"]
+
+_BAD_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
+_UNNAMED = re.compile(r"^Unnamed: \d+$")
+_INTEGER = r"\d+"
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy re-export of the verbs built on this module (datacard imports data, not the reverse)."""
+    if name == "split_data":
+        from medtune.datacard import split_data
+
+        return split_data
+    if name in ("inspect_data", "render_inspect"):
+        from medtune import inspect
+
+        return getattr(inspect, name)
+    raise AttributeError(f"module 'medtune.data' has no attribute '{name}'")
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def read_table(path: str | Path, *, max_field_bytes: int = 1_000_000) -> pd.DataFrame:
+    """Read a CSV/TSV/TXT, JSON-lines or Parquet file; every column a string, "" if missing."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a data file")
+    suffix = path.suffix.lower()
+    if suffix in PARQUET:
+        df, where = _read_parquet(path)
+    elif suffix in DELIMITED or suffix in JSON_LINES:
+        raw = path.read_bytes()
+        skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+        if not raw[skip:].strip():
+            raise DataError(f"{path}: file is empty")
+        try:
+            text, bad = raw[skip:].decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            text, bad = raw[skip:].decode("utf-8", errors="surrogateescape"), exc.start + skip
+        if suffix in JSON_LINES:
+            df, where = _read_json(path, text, bad)
+        else:
+            df, where = _read_delimited(path, text, bad, DELIMITED[suffix] or _sniff(text))
+    else:
+        shown = f"'{suffix}'" if suffix else "(no extension)"
+        raise DataError(f"{path}: unknown file format {shown}; supported: {SUPPORTED}")
+    if len(df) == 0:
+        raise DataError(f"{path}: no data rows")
+    _check_field_sizes(path, df, where, max_field_bytes)
+    return _drop_index_columns(df)
+
+
+def _sniff(text: str) -> str:
+    """Delimiter of a .txt table: the most frequent of tab , ; | in the header line."""
+    header = text.split("\n", 1)[0]
+    counts = {d: header.count(d) for d in ("\t", ",", ";", "|")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _header(path: Path, record: list[str]) -> list[str]:
+    names = [name.strip() or f"Unnamed: {i}" for i, name in enumerate(record)]
+    for i, name in enumerate(names):
+        if _BAD_UTF8.search(name):
+            raise DataError(f"{path}: header, column {i + 1}: not valid UTF-8; re-save as UTF-8")
+        if name in names[:i]:
+            raise DataError(f"{path}: header: duplicate column name '{name}'")
+    return names
+
+
+def _read_delimited(path: Path, text: str, bad: int | None, delimiter: str):
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # sizes are checked in bytes by _check_field_sizes
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    try:
+        for record in reader:
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue  # blank line
+            if header is None:
+                header = _header(path, record)
+                continue
+            n = len(rows) + 1
+            if len(record) != len(header):
+                raise DataError(f"{path}: data row {n} (line {reader.line_num}): expected "
+                                f"{len(header)} fields, got {len(record)}")
+            if bad is not None:
+                for value, column in zip(record, header, strict=True):
+                    if _BAD_UTF8.search(value):
+                        raise DataError(f"{path}: data row {n}, column '{column}': not valid "
+                                        f"UTF-8 (byte offset {bad}); re-save the file as UTF-8")
+            rows.append(record)
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    if header is None:
+        raise DataError(f"{path}: file is empty")
+    df = pd.DataFrame(rows, columns=header, dtype=str) if rows else pd.DataFrame(columns=header)
+    return df, [f"data row {i}" for i in range(1, len(rows) + 1)]
+
+
+def _as_str(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    columns: dict[str, None] = {}
+    for record in records:
+        columns.update(dict.fromkeys(record))
+    data = {c: [_as_str(r.get(c)) for r in records] for c in columns}
+    return pd.DataFrame(data, dtype=str)
+
+
+def _read_json(path: Path, text: str, bad: int | None):
+    lines = text.split("\n")
+    if bad is not None:
+        match = _BAD_UTF8.search(text)
+        lineno = text.count("\n", 0, match.start() if match else 0) + 1
+        raise DataError(f"{path}: line {lineno}: not valid UTF-8 (byte offset {bad}); "
+                        "re-save the file as UTF-8")
+    if text.lstrip().startswith("["):  # a .json file holding one array of objects
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        where = [f"record {i}" for i in range(1, len(data) + 1)]
+    else:
+        data, where = [], []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+            where.append(f"line {lineno}")
+    for item, place in zip(data, where, strict=True):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: {place}: expected a JSON object, got {type(item).__name__}")
+    return _frame(data), where
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for unreadable files
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"{path}: cannot read Parquet ({type(exc).__name__}: {first})") from None
+    data: dict[str, list[str]] = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        values = []
+        for i, value in enumerate(column.to_pylist()):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}: row {i + 1}, column '{name}': not valid UTF-8 "
+                                    f"(byte offset {exc.start} in the field)") from None
+            values.append(_as_str(value))
+        data[name] = values
+    df = pd.DataFrame(data, dtype=str)
+    return df, [f"row {i}" for i in range(1, len(df) + 1)]
+
+
+def _check_field_sizes(path: Path, df: pd.DataFrame, where: list[str], limit: int) -> None:
+    first: tuple[int, str, int] | None = None
+    for column in df.columns:
+        values = df[column]
+        # bytes >= chars >= bytes / 4: only fields longer than limit / 4 chars can be too big
+        for i in (values.str.len() > limit // 4).to_numpy().nonzero()[0]:
+            size = len(values.iat[i].encode("utf-8", errors="surrogateescape"))
+            if size > limit and (first is None or i < first[0]):
+                first = (int(i), column, size)
+                break
+    if first is not None:
+        i, column, size = first
+        raise DataError(f"{path}: {where[i]}, column '{column}': field is {size} bytes, over "
+                        f"the limit of {limit} (max_field_bytes)")
+
+
+def _drop_index_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop index columns a spreadsheet or ``to_csv`` left behind: unnamed all-integer (or
+    all-empty) columns, and an 'index' column holding increasing integers."""
+    drop = []
+    for column in df.columns:
+        values = df[column]
+        if _UNNAMED.match(column):
+            if (values == "").all() or values.str.fullmatch(_INTEGER).all():
+                drop.append(column)
+        elif column.lower() == "index" and values.str.fullmatch(_INTEGER).all():
+            numbers = pd.to_numeric(values, errors="coerce")
+            if (numbers.diff().iloc[1:] > 0).all():
+                drop.append(column)
+    return df.drop(columns=drop) if drop else df
+
+
+# ------------------------------------------------------------------------------ columns, labels
+
+
+def _available(df: pd.DataFrame) -> str:
+    names = [str(c) for c in df.columns]
+    shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+    return shown or "(none)"
+
+
+def _find_column(df: pd.DataFrame, path: str | Path, role: str, explicit: str | None,
+                 candidates: list[str], required: bool) -> str | None:
+    by_lower: dict[str, str] = {}
+    for column in df.columns:
+        by_lower.setdefault(str(column).lower(), column)
+    if explicit:
+        if explicit in df.columns:
+            return explicit
+        if explicit.lower() in by_lower:
+            return by_lower[explicit.lower()]
+        raise DataError(f"{path}: {role} column '{explicit}' not found; available columns: "
+                        f"{_available(df)}")
+    for name in candidates:
+        if name in by_lower:
+            return by_lower[name]
+    if required:
+        raise DataError(f"{path}: no {role} column (looked for {', '.join(candidates)}); "
+                        f"available columns: {_available(df)}; set --{role}-column")
+    return None
+
+
+def detect_columns(df: pd.DataFrame, path: str | Path, text_column: str | None = None,
+                   label_column: str | None = None) -> tuple[str, str]:
+    """(text column, label column), by the names given or among the usual names, any case."""
+    text = _find_column(df, path, "text", text_column, TEXT_COLUMNS, True)
+    label = _find_column(df, path, "label", label_column, LABEL_COLUMNS, True)
+    assert text is not None and label is not None
+    if text == label:
+        raise DataError(f"{path}: text and label are the same column '{text}'")
+    return text, label
+
+
+def normalize_text(text: str) -> str:
+    """Key for duplicate and leakage checks: whitespace runs collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def check_unseen_labels(train_labels: Iterable[str], test_labels: Iterable[str],
+                        path: str | Path) -> list[str]:
+    """Labels of ``test_labels`` never seen in training; warns (stderr) when there are any."""
+    unseen = sorted(set(test_labels) - set(train_labels) - {""})
+    if unseen:
+        shown = ", ".join(repr(u) for u in unseen[:20])
+        more = f" and {len(unseen) - 20} more" if len(unseen) > 20 else ""
+        warnings.warn(f"{path}: {len(unseen)} label(s) never seen in training: {shown}{more}",
+                      UserWarning, stacklevel=2)
+    return unseen
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def _ids(df: pd.DataFrame, path: str | Path, exclude: set[str]) -> list[str]:
+    column = _find_column(df, path, "id", None, ["id"], False)
+    if column is None or column in exclude:
+        return [str(i) for i in range(len(df))]
+    ids = df[column].str.strip()
+    empty = (ids == "").to_numpy().nonzero()[0]
+    if len(empty):
+        raise DataError(f"{path}: row {empty[0] + 1}, column '{column}': empty id")
+    dup = ids.duplicated().to_numpy().nonzero()[0]
+    if len(dup):
+        raise DataError(f"{path}: row {dup[0] + 1}, column '{column}': duplicate id")
+    return ids.tolist()
+
+
+def _handle_empty(out: pd.DataFrame, path: str | Path, checks: dict[str, str],
+                  drop_empty: bool) -> pd.DataFrame:
+    """Raise on (or drop, counting them) rows whose checked columns are blank."""
+    keep = pd.Series(True, index=out.index)
+    by_column: dict[str, int] = {}
+    for column, source in checks.items():
+        empty = (out[column].astype(str).str.strip() == "").to_numpy()
+        if empty.any() and not drop_empty:
+            raise DataError(f"{path}: row {empty.nonzero()[0][0] + 1}, column '{source}': empty "
+                            f"{'text' if column in ('text', 'question') else column} "
+                            "(pass drop_empty to skip such rows)")
+        by_column[source] = int((empty & keep.to_numpy()).sum())
+        keep &= ~empty
+    result = out[keep.to_numpy()].reset_index(drop=True)
+    result.attrs.update(dropped_empty=int((~keep).sum()), dropped_empty_by_column=by_column,
+                        rows_read=len(out), source=str(path))
+    return result
+
+
+def _parse_cop(value: str, row: int, path: str | Path, column: str, cop_base: int) -> int:
+    raw = value.strip()
+    if raw.upper() in LETTERS:
+        return LETTERS.index(raw.upper())
+    try:
+        number = float(raw)
+        if number != int(number):
+            raise ValueError
+    except ValueError:
+        raise DataError(f"{path}: row {row}, column '{column}': answer '{raw}' is not an "
+                        f"option index ({cop_base}-{cop_base + 3}) or letter A-D") from None
+    index = int(number) - cop_base
+    if not 0 <= index <= 3:
+        hint = " (1-based answers? pass cop_base=1)" if cop_base == 0 and number == 4 else ""
+        raise DataError(f"{path}: row {row}, column '{column}': answer {int(number)} out of "
+                        f"range {cop_base}-{cop_base + 3}{hint}")
+    return index
+
+
+def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
+               cop_column: str | None, require_labels: bool, drop_empty: bool,
+               cop_base: int) -> pd.DataFrame:
+    if cop_base not in (0, 1):
+        raise ConfigError(f"cop_base must be 0 or 1, got {cop_base}")
+    source = {"question": _find_column(df, path, "question", question_column, ["question"], True)}
+    for name in OPTION_COLUMNS:
+        source[name] = _find_column(df, path, name, None, [name], True)
+    source["cop"] = _find_column(df, path, "cop", cop_column, ["cop"], require_labels)
+    for name in ("subject_name", "choice_type", "exp"):
+        source[name] = _find_column(df, path, name, None, [name], False)
+    out = pd.DataFrame({"id": _ids(df, path, {c for c in source.values() if c})})
+    for name, column in source.items():
+        out[name] = df[column].to_numpy() if column else ""
+    out["_row"] = range(1, len(out) + 1)  # file row numbers survive dropped empty rows
+    checks = {"question": source["question"]}
+    if source["cop"] and require_labels:
+        checks["cop"] = source["cop"]
+    out = _handle_empty(out, path, checks, drop_empty)
+    attrs = out.attrs
+    cop_col = source["cop"] or "cop"
+    out["cop"] = [_parse_cop(v, row, path, cop_col, cop_base) if v.strip() else -1
+                  for row, v in zip(out["_row"], out["cop"], strict=True)]
+    out["label"] = [LETTERS[c] if c >= 0 else "" for c in out["cop"]]
+    records = out[["question", *OPTION_COLUMNS]].to_dict("records")
+    out["text"] = [format_question(r) for r in records]
+    out = out[[*MCQA_COLUMNS, "text", "label"]]
+    out.attrs.update(attrs, task="mcqa", text_column=source["question"], label_column=source["cop"])
+    return out
+
+
+def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str | None = None,
+                 label_column: str | None = None, max_field_bytes: int = 1_000_000,
+                 require_labels: bool = True, drop_empty: bool = False,
+                 cop_base: int = 0) -> pd.DataFrame:
+    """Read ``path`` into task records: protocol -> id, text, label; mcqa -> the MedMCQA
+    columns plus text (question and options) and label (letter). ``df.attrs`` holds
+    rows_read, dropped_empty, dropped_empty_by_column, text_column, label_column."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}' (expected one of: {', '.join(TASKS)})")
+    df = read_table(path, max_field_bytes=max_field_bytes)
+    if task == "mcqa":
+        return _load_mcqa(df, path, text_column, label_column, require_labels, drop_empty,
+                          cop_base)
+    text = _find_column(df, path, "text", text_column, TEXT_COLUMNS, True)
+    label = _find_column(df, path, "label", label_column, LABEL_COLUMNS, require_labels)
+    if text == label:
+        raise DataError(f"{path}: text and label are the same column '{text}'")
+    assert text is not None
+    out = pd.DataFrame({"id": _ids(df, path, {text, label or ""}),
+                        "text": df[text].to_numpy(),
+                        "label": df[label].str.strip().to_numpy() if label else ""}, dtype=str)
+    checks = {"text": text, "label": label} if label and require_labels else {"text": text}
+    out = _handle_empty(out, path, checks, drop_empty)
+    out.attrs.update(task="protocol", text_column=text, label_column=label)
+    return out

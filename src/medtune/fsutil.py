@@ -1,0 +1,90 @@
+"""Crash-safe file writing: everything medtune writes goes to a temporary name and is renamed.
+
+A reader therefore sees either the old file or the complete new one, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from medtune.errors import MedtuneError
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; move it onto ``path`` only on success.
+
+    An existing ``path`` is replaced only after the new directory is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create an output directory, refusing a non-empty existing one unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MedtuneError(f"{path}: exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise MedtuneError(f"{path}: output directory is not empty (pass --overwrite to replace it)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to replace an existing output file unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise MedtuneError(f"{path}: output file exists (pass --overwrite to replace it)")
+    return path

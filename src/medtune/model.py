@@ -1,0 +1,226 @@
+"""Load a base causal LM (4-bit NF4 + double quant, 8-bit, or full precision), attach LoRA, and
+load run / merged directories for inference.
+
+Compute dtype follows the device: fp32 on CPU (bf16 compute was ~12x slower on this kind of CPU),
+bf16 on GPUs that support it, fp16 otherwise. Never hard-coded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medtune.config import LoraConfig, ModelConfig
+from medtune.errors import MedtuneError
+from medtune.fsutil import read_json
+from medtune.tasks import Template
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# bitsandbytes tries to fetch optional CPU kernels from the hub; there is no hub here.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*kernels.*")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_device(name: str = "auto") -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MedtuneError(f"model.device={name} but no CUDA device is available")
+    return name
+
+
+def compute_dtype(device: str, requested: str = "auto") -> torch.dtype:
+    """fp32 on CPU, bf16 on GPUs with bf16 support, fp16 on older GPUs; or what was requested."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise MedtuneError(f"model.compute_dtype: unknown dtype '{requested}' "
+                               f"(choose from auto, {', '.join(sorted(set(DTYPES)))})")
+        return DTYPES[requested]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_base(base: str) -> str:
+    """'embedded' must be resolved by the caller (it needs training notes); paths are checked."""
+    if base == "embedded":
+        raise MedtuneError("base 'embedded' must be built first (medtune base build)")
+    p = Path(base).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise MedtuneError(f"{p}: not a Hugging Face model directory (no config.json)")
+        return str(p)
+    if "/" in base and not base.startswith((".", "/")):
+        return base  # hub id; loading works only where a hub (or its cache) is reachable
+    raise MedtuneError(f"{base}: base model directory not found")
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer and make sure it has a pad token distinct from EOS.
+
+    pad == eos teaches a model never to stop (EOS is masked as padding), so a missing or shared pad
+    gets its own new token.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token_id is None:
+        raise MedtuneError(f"{path}: tokenizer has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|medtune_pad|>"})
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        # bnb_4bit_quant_storage = compute dtype lets FSDP shard 4-bit weights with the others.
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "none":
+        return None
+    raise MedtuneError(f"model.quantization: unknown value '{quantization}' (nf4, 8bit, none)")
+
+
+def load_base_model(base: str, cfg: ModelConfig, tokenizer: Any | None = None,
+                    quantization: str | None = None):
+    """Load ``base`` on the configured device with the configured quantization."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device)
+    dtype = compute_dtype(device, cfg.compute_dtype)
+    quant = quantization if quantization is not None else cfg.quantization
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    qc = quantization_config(quant, dtype)
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(base), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise MedtuneError(f"{base}: could not load model ({str(exc).splitlines()[0]})") from None
+    if qc is None:
+        model.to(device)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(math.ceil(len(tokenizer) / 64) * 64)
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def attach_lora(model, lora: LoraConfig, *, quantized: bool, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with trainable LoRA adapters (base weights frozen)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    targets = lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        # PEFT reads a plain string as a regex over full module paths: 'q_proj' would match none
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_rslora=lora.rslora, use_dora=lora.dora, task_type="CAUSAL_LM", bias="none",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+@dataclass
+class Loaded:
+    """A model ready for prediction, with the tokenizer, template and labels it was trained with."""
+
+    model: Any
+    tokenizer: Any
+    template: Template
+    labels: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / "medtune.json"
+    return read_json(p) if p.is_file() else {}
+
+
+def load_labels(path: str | Path) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "labels.json"
+    if not p.is_file():
+        raise MedtuneError(f"{p}: labels file not found")
+    data = read_json(p)
+    labels = data["labels"] if isinstance(data, dict) else data
+    if not labels or not all(isinstance(x, str) and x for x in labels):
+        raise MedtuneError(f"{p}: 'labels' must be a non-empty list of strings")
+    return list(labels)
+
+
+def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
+                       labels: str | Path | None = None, task: str = "protocol",
+                       quantization: str | None = None) -> Loaded:
+    """Load a run directory (base + adapter), a merged model, or a plain base (+ ``labels``)."""
+    from medtune.tasks import default_template
+
+    cfg = cfg or ModelConfig()
+    path = Path(path)
+    if not path.is_dir():
+        raise MedtuneError(f"{path}: model directory not found")
+    meta = read_meta(path)
+    kind = meta.get("kind")
+    if kind == "run":
+        if not (path / "adapter").is_dir():
+            raise MedtuneError(f"{path}: run has no adapter/ (training not finished?)")
+        from peft import PeftModel
+
+        tokenizer = load_tokenizer(path / "tokenizer")
+        run_cfg = ModelConfig(**{**cfg.__dict__, "quantization": quantization or meta["quantization"]})
+        base = load_base_model(meta["base"], run_cfg, tokenizer)
+        model = PeftModel.from_pretrained(base, str(path / "adapter"))
+        template = Template.load(path)
+        label_list = load_labels(labels or path)
+    elif kind == "merged":
+        tokenizer = load_tokenizer(path)
+        model = load_base_model(str(path), cfg, tokenizer, quantization=quantization or "none")
+        template = Template.load(path)
+        label_list = load_labels(labels or path)
+    else:
+        if labels is None and not (path / "labels.json").is_file():
+            raise MedtuneError(f"{path}: plain base model: pass --labels labels.json for zero-shot")
+        tokenizer = load_tokenizer(path)
+        model = load_base_model(str(path), cfg, tokenizer, quantization=quantization or "none")
+        label_list = load_labels(labels or path)
+        template = default_template(task, tokenizer, label_list)
+        if task == "protocol":
+            template.labels_in_prompt = True  # zero-shot: the model must see the choices
+    model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, template=template, labels=label_list,
+                  meta=meta, path=str(path))
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,374 @@
+"""PHI scrubbing: find HIPAA Safe Harbor identifiers in free text and replace them with
+placeholders ("[NAME]", "[DATE]", ...). Pattern based, no model download.
+
+Clinical content must survive: "L4-L5", "T2 weighted", "CT A/P", "5 mg", "70 yo", "BP 120/80",
+"5/10 pain", a bare year. Ages are identifiers only above 89; dates only when more specific
+than a year. Spans from all detectors are merged where they overlap (the union is replaced), so
+a partly recognised identifier is never left half in the text.
+
+Known limits (measured by medtune.phi_synth.evaluate_scrubber): a name with no title, cue word
+("seen by", "wife", "name:") or known first name is not found, nor a single first name after a
+cue ("wife Maria"); a city only counts as part of "City, ST 12345" or a street address; a bare
+month/day ("3/4") right after a clinical word ("strength 3/4", "x 3/4") is kept as a value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from medtune.errors import DataError
+from medtune.fsutil import atomic_file, check_output_file
+from medtune.tasks.protocol import TEXT_COLUMNS
+
+PLACEHOLDERS = ["[NAME]", "[DATE]", "[AGE]", "[PHONE]", "[FAX]", "[EMAIL]", "[SSN]", "[MRN]",
+                "[ID]", "[URL]", "[IP]", "[ADDRESS]", "[ZIP]"]
+TYPES = [p[1:-1] for p in PLACEHOLDERS]
+# When detectors overlap, the merged span takes the type that comes first here.
+PRIORITY = ["EMAIL", "URL", "IP", "SSN", "FAX", "PHONE", "MRN", "ID", "DATE", "ZIP", "ADDRESS",
+            "AGE", "NAME"]
+
+
+def _words(block: str) -> set[str]:
+    return set(block.split())
+
+
+def _alt(options: list[str] | set[str]) -> str:
+    """A non-capturing alternation, longest option first."""
+    return "(?:" + "|".join(sorted(options, key=len, reverse=True)) + ")"
+
+
+STATES = _words("AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT "
+                "NE NV NH NJ NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY PR")
+STATE_RE = _alt(STATES)
+
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December", "Jan", "Feb", "Mar", "Apr", "Jun",
+           "Jul", "Aug", "Sep", "Sept", "Oct", "Nov", "Dec"]
+# lower-case month words count only when unambiguous ("may", "march" are verbs; "dec" means
+# decreased): abbreviations and these two only when capitalised
+_AMBIGUOUS_LOWER = {"may", "march"}
+MONTH = "(?:" + "|".join(sorted(
+    {m for name in _MONTHS for m in (name, name.upper(), name.lower())
+     if m != name.lower() or (len(m) > 4 and m not in _AMBIGUOUS_LOWER)},
+    key=len, reverse=True)) + r")\.?"
+DAY = r"(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?"
+YEAR = r"(?:1[89]\d\d|20\d\d)"
+
+FIRST_NAMES = _words("""
+James John Robert Michael William David Richard Joseph Thomas Charles Christopher Daniel
+Matthew Anthony Mark Donald Steven Paul Andrew Joshua Kenneth Kevin Brian George Timothy Ronald
+Edward Jason Jeffrey Ryan Jacob Gary Nicholas Eric Jonathan Stephen Larry Justin Scott Brandon
+Benjamin Samuel Gregory Alexander Patrick Raymond Jack Dennis Jerry Tyler Aaron Jose Adam
+Henry Nathan Douglas Zachary Peter Kyle Walter Ethan Jeremy Harold Keith Christian Roger Noah
+Gerald Carl Terry Sean Austin Arthur Lawrence Jesse Dylan Bryan Joe Jordan Billy Bruce Albert
+Willie Gabriel Logan Alan Juan Wayne Roy Ralph Randy Eugene Vincent Russell Elijah Louis Bobby
+Philip Johnny Mary Patricia Jennifer Linda Elizabeth Barbara Susan Jessica Sarah Karen Lisa Nancy
+Betty Margaret Sandra Ashley Kimberly Emily Donna Michelle Carol Amanda Dorothy Melissa Deborah
+Stephanie Rebecca Sharon Laura Cynthia Kathleen Amy Angela Shirley Anna Brenda Pamela Emma
+Nicole Helen Samantha Katherine Christine Debra Rachel Carolyn Janet Catherine Maria Heather
+Diane Ruth Julie Olivia Joyce Virginia Victoria Kelly Lauren Christina Joan Evelyn Judith Megan
+Andrea Cheryl Hannah Jacqueline Martha Gloria Teresa Ann Sara Madison Frances Kathryn Janice
+Jean Abigail Alice Judy Sophia Denise Doris Marilyn Danielle Beverly Isabella Theresa Diana
+Natalie Brittany Charlotte Marie Kayla Alexis Lori Priya Wei Mohammed Ahmed Fatima Aisha Carlos
+Luis Miguel Sofia Lucia Hiroshi Yuki Mei Ravi Anil Sunita Olga Ivan Dmitri Ana Pedro Rosa
+""")
+
+# Capitalised words that are not names (stop a name match, or veto one).
+NOT_NAMES = _words("""
+The A An And Or Of In On At To For With Without From By No Not Is Was Has Had Per Via Re
+Patient Pt Presents Denies Reports Notes History Hx Pain Chest Head Neck Back Left Right
+Bilateral Acute Chronic Disease Syndrome Sign Palsy Emergency Department Hospital Clinic Center
+Medical Unit Room Team Service Radiology Cardiology Neurology Surgery Medicine Oncology Urology
+Attending Referring Ordering Reading Signed Dictated Reviewed Seen Referred Called Contact
+Monday Tuesday Wednesday Thursday Friday Saturday Sunday Today Yesterday Tomorrow Street Avenue
+Road Exam Impression Findings Indication Reason Plan Assessment Note Report Order Dose Daily
+Mother Father Wife Husband Son Daughter Sister Brother Spouse Contrast Protocol Positive Negative
+Normal Abnormal Study Follow Up Please Thanks Thank Name Date Age Phone Fax Email Address
+""") | {m for m in _MONTHS}
+
+_NAME_TOKEN = (r"(?:(?:Mc|Mac|O'|D')?[A-Z][a-z]+(?:['-][A-Z]?[a-z]+)*|(?:[A-Z]\.){1,3}|"
+               r"[A-Z](?=\s+[A-Z][a-z]))")
+_TITLE = r"\b(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor)\s?\.?\s+"
+_NAME_SEQ = rf"{_NAME_TOKEN}(?:\s+{_NAME_TOKEN}){{0,2}}"
+_UPPER_NAME = r"[A-Z][A-Z'-]+,\s*[A-Z][A-Za-z'-]+"  # "SMITH, JOHN" / "Smith, John"
+
+_CUE_FOR_NAME = (r"(?i:patient|pt|patient name|pt name|name|seen by|referred by|referring|"
+                 r"referring physician|attending|pcp|primary care|signed by|dictated by|"
+                 r"transcribed by|reviewed by|read by|cc|contact|nok|next of kin|"
+                 r"emergency contact|wife|husband|spouse|son|daughter|mother|father|sister|"
+                 r"brother|guardian|caregiver|discussed with|spoke with|d/w|per|surgeon|"
+                 r"provider|physician|resident|nurse)")
+
+_NO = r"(?:\s+(?:number|no\.?|#|num|id))"  # "record no.", "account #", "visit id"
+_MRN_CUES = _alt(
+    [r"(?i:mrn|mr\s?#|mr\s?no\.?|acct\.?)", r"(?i:medical\s+record|chart|account)" + _NO + "?",
+     r"(?i:record|visit|admission|hospital)" + _NO, r"(?i:encounter|accession)" + _NO + "?",
+     "CSN", "FIN"])
+_ID_CUES = _alt(
+    [r"(?i:patient|pt|device|plan|subscriber)\s+id", r"(?i:case|group|id)" + _NO,
+     r"(?i:member|policy|insurance|health\s+plan|license|driver'?s\s+license|serial|plate|"
+     r"certificate|passport|specimen)" + _NO + "?", "DL", "DEA", "NPI", "VIN", "ID"])
+_ID_VALUE = r"(?=[A-Za-z0-9-]{0,24}\d{3})[A-Za-z]{0,4}-?\d[A-Za-z0-9-]{0,30}[A-Za-z0-9]"
+_SEP = r"\s*(?:#|:|no\.?|number|is)?\s*[:#]?\s*"
+# what follows a number pair / triple that is a quantity, not a date ("4/5 strength",
+# "2/2 sets", "10-20-40 mg")
+_UNITS = (r"mg|mcg|g|kg|ml|l|units?|iu|meq|mmol|mmhg|cm|mm|%|tabs?|tablets?|caps?|doses?|"
+          r"sets|bottles|cultures|views|samples|specimens|nodes|vessels|beats|ns")
+_NOT_A_DATE_AFTER = re.compile(
+    r"\s*(?:(?:" + _UNITS + r"|pain|strength|murmur|vision|score|scale|reflex(?:es)?|power|of|"
+    r"in|x|[lr]?[lu]e|bilat\w*|ext\w*|flex\w*|grip|esm|sem|hsm|systolic|diastolic)\b|%)", re.I)
+# a number pair right after one of these is a clinical value ("pain 5/10", "Gr. 4/6", "BP 90/60")
+_VALUE_BEFORE = re.compile(
+    r"\b(?:pain|score|scale|strength|motor|power|murmur|grade|gr|apgar|gcs|bp|sbp|dbp|ratio|"
+    r"reflex\w*|dtrs?|hiv|ef|vision|acuity|va|rom|mmt|x)\b[^a-z]*$", re.I)
+_DATE_CUES = (r"(?i:on|since|from|dated?|dos|dob|admitted|adm|discharged|d/c|until|thru|through|"
+              r"as of|last|seen|visit|performed|done|obtained|scheduled|sched|f/u|returned|"
+              r"started|stopped|between|by|effective|due|drawn|collected|onset|surgery|"
+              r"birthday|born|expires?|exp)")
+_DATE_CUE_BEFORE = re.compile(r"\b" + _DATE_CUES + r"\s*:?\s*\(?$")
+
+Check = Callable[[re.Match[str]], bool]
+Pattern = tuple[re.Pattern[str], str, int, Check | None]  # regex, type, group, extra check
+_I = re.IGNORECASE
+
+
+def _numeric_date(m: re.Match[str]) -> bool:
+    if _NOT_A_DATE_AFTER.match(m.string, m.end()):
+        return False
+    a, b = int(m.group(1)), int(m.group(3))
+    return (a <= 12 and 1 <= b <= 31) or (b <= 12 and 1 <= a <= 31)
+
+
+def _month_day(m: re.Match[str]) -> bool:
+    """'3/4', 'since 3/4', 's/p TKA 6/17' are dates; '4/5 strength', 'pain 5/10', 'Gr. 4/6',
+    '1/2 tab' and '2/2' ("secondary to") are not."""
+    value = m.group(1)
+    if _NOT_A_DATE_AFTER.match(m.string, m.end()):
+        return False
+    before = m.string[max(0, m.start(1) - 20):m.start(1)]
+    if _DATE_CUE_BEFORE.search(before):
+        return True
+    if value in ("1/2", "2/2") or value.endswith("/10"):  # a half, "secondary to", pain scale
+        return False
+    return not _VALUE_BEFORE.search(before)
+
+
+def _not_temperature(m: re.Match[str]) -> bool:
+    """'97F' is an age, 'Temp 97 F' / 'T: 95F' is not."""
+    before = m.string[max(0, m.start() - 16):m.start()]
+    return not re.search(r"\b(?:t|temp\w*|tmax|tc|fever|febrile|afebrile)\W*$", before, re.I)
+
+
+def _enough_digits(m: re.Match[str]) -> bool:
+    return sum(c.isdigit() for c in m.group(1)) >= 7
+
+
+def _phone_context(m: re.Match[str]) -> bool:
+    """A bare 10-digit number is a phone number when a phone word comes shortly before it."""
+    before = m.string[max(0, m.start() - 30):m.start()].lower()
+    return any(w in before for w in ("fax", "phone", "call", "tel", "cell", "pager", "text"))
+
+
+def _p(regex: str, kind: str, group: int = 0, flags: int = 0, check: Check | None = None
+       ) -> Pattern:
+    return re.compile(regex, flags), kind, group, check
+
+
+PATTERNS: list[Pattern] = [
+    # repetitions are bounded everywhere: a 1 MB field of "1.1.1.1..." must not go quadratic
+    _p(r"\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b",
+       "EMAIL"),
+    _p(r"\b(?:https?://|ftp://|www\.)[^\s<>\"')\]]*[^\s<>\"')\].,;:!?]", "URL", flags=_I),
+    _p(r"\b(?:[A-Za-z0-9-]{1,63}\.){1,8}(?:com|org|net|edu|gov|io|us|info|health|biz|me|co\.uk)\b"
+       r"(?:/[^\s<>\"')\]]*[^\s<>\"')\].,;:!?])?", "URL", flags=_I),
+    _p(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+       r"(?!\d|\.\d)", "IP"),
+    _p(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])", "SSN"),
+    _p(r"\b(?i:ssn|ss#|social security(?:\s+(?:number|no\.?|#))?)" + _SEP +
+       r"(\d{9}|\d{3}[\s.-]\d{2}[\s.-]\d{4})\b", "SSN", 1),
+    _p(r"(?<![\w+-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s*|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\d-])"
+       r"(?:\s*(?:x|ext\.?|extension)\s*\d{1,5})?", "PHONE", flags=_I),
+    _p(r"(?<![\w])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)|\d{1,4})(?:[\s.-]?\d{2,4}){2,4}\b", "PHONE"),
+    _p(r"\b(?:(?i:phone|tel|telephone|cell|mobile|mob|pager|beeper|home|work|callback|"
+       r"call back|fax|facsimile)|Ph|PH|ph)\b" + _SEP + r"(\+?\(?\d[\d\s().-]{5,}\d)", "PHONE", 1,
+       check=_enough_digits),
+    _p(r"\b(?:" + _MRN_CUES + ")" + _SEP + "(" + _ID_VALUE + ")", "MRN", 1),
+    _p(r"\b(?:" + _ID_CUES + ")" + _SEP + "(" + _ID_VALUE + ")", "ID", 1),
+    _p(r"(?<![\w.-])\d{10}(?![\w-])", "PHONE", check=_phone_context),
+    _p(r"(?<![\w-])#\s?\d{5,}\b", "ID"),
+    _p(r"(?<![\w.-])\d{7,}(?![\w-])", "ID"),
+    _p(r"\b[A-Z]{1,3}\d{6,}\b", "ID"),
+    # dates: month names, numeric d/m/y and y-m-d, month/year, cued month/day
+    _p(rf"\b{MONTH}\s+{DAY}(?:,?\s+{YEAR})?\b", "DATE"),
+    _p(rf"\b{DAY}\s+(?:of\s+)?{MONTH}(?:,?\s+{YEAR})?\b", "DATE"),
+    _p(rf"\b{MONTH},?\s+(?:of\s+)?{YEAR}\b", "DATE"),
+    _p(rf"(?<![\w-])(?:0?[1-9]|[12]\d|3[01])[-/ ]{MONTH}[-/ ](?:{YEAR}|\d\d)\b", "DATE"),
+    _p(r"(?<![\w/.-])(\d{1,2})([/.-])(\d{1,2})\2(\d{4}|\d{2})(?![\w/-]|\.\d)", "DATE",
+       check=_numeric_date),
+    _p(r"(?<![\w/.-])(?:1[89]|20)\d{2}([-/.])(?:0?[1-9]|1[0-2])\1(?:0?[1-9]|[12]\d|3[01])"
+       r"(?:[T ]\d{1,2}:\d{2}(?::\d{2})?)?(?![\d/])", "DATE"),
+    _p(r"(?<![\w/.-])(?:0?[1-9]|1[0-2])[/-](?:1[89]|20)\d{2}(?![\w/-])", "DATE"),
+    _p(r"(?<![\w/.])((?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01]))(?![\w/]|\.\d)", "DATE", 1,
+       check=_month_day),
+    # ages over 89
+    _p(r"\b(9\d|1[01]\d)(?=\s*-?\s*(?:yoM|yoF|yo\b|y/o|y\.o\.?|yrs?\b|years?\b|year-old))",
+       "AGE", 1, _I),
+    _p(r"\b(?:age|aged|age:)\s*:?\s*(9\d|1[01]\d)\b", "AGE", 1, _I),
+    _p(r"(?<![\d.])(9\d|1[01]\d)(?=\s?[MF]\b)", "AGE", 1, check=_not_temperature),
+    _p(r"\b(?:ninety|one hundred)(?:[- ](?:one|two|three|four|five|six|seven|eight|nine))?"
+       r"(?=[- ](?:year|yr))", "AGE", 0, _I),
+    # geography: ZIP after a state or cue, ZIP+4, street address, PO box, "City, ST"
+    _p(r"\b" + STATE_RE + r",?\s+(\d{5}(?:-\d{4})?)\b", "ZIP", 1),
+    _p(r"\b(?i:zip|zip code|zipcode|postal code)\s*:?\s*(\d{5}(?:-\d{4})?)\b", "ZIP", 1),
+    _p(r"(?<![\d-])\d{5}-\d{4}(?![\d-])", "ZIP"),
+    _p(r"\b\d{1,6}\s+(?:[NSEW]\.?\s+)?(?:(?:[A-Z][A-Za-z'-]*|\d{1,3}(?:st|nd|rd|th))\.?\s+){1,4}"
+       r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|"
+       r"Terrace|Ter|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Loop)\b\.?"
+       r"(?:,?\s+(?:Apt|Apartment|Suite|Ste|Unit|Rm|Room|Fl|Floor|#)\.?\s*#?\s*[A-Za-z0-9-]+)?",
+       "ADDRESS"),
+    _p(r"\b(?i:p\.?\s?o\.?\s+box)\s+\d+\b", "ADDRESS"),
+    _p(r"\b([A-Z][a-z]+(?:\s[A-Z][a-z]+){0,2}),\s+" + STATE_RE + r"\b(?=,?\s+\d{5}\b)",
+       "ADDRESS", 1),
+    # names: after a title, after a cue word, "Last, First", with a credential, known first names
+    _p(_TITLE + "(" + _NAME_SEQ + ")", "NAME1", 1),
+    _p(r"\b" + _CUE_FOR_NAME + r"\s*:?\s+(" + _UPPER_NAME + r"(?:\s+[A-Z]\.?)?)", "NAME", 1),
+    _p(r"\b" + _CUE_FOR_NAME + r"\s*:\s*(" + _NAME_TOKEN + r",\s*" + _NAME_TOKEN +
+       r"(?:\s+[A-Z]\.)?)", "NAME", 1),
+    _p(r"\b" + _CUE_FOR_NAME + r"\s*:?\s+(" + _NAME_TOKEN + r"(?:\s+" + _NAME_TOKEN + "){1,2})",
+       "NAME", 1),
+    _p(r"\b(" + _NAME_SEQ + r"),?\s+(?:MD|M\.D\.|DO|RN|NP|PA-C|PhD|DPM|DDS|CRNA|APRN|FNP)\b",
+       "NAME1", 1),
+    _p(r"\b((?:" + "|".join(sorted(FIRST_NAMES)) + r")(?:\s+[A-Z]\.)?\s+" + _NAME_TOKEN + r")\b",
+       "NAME", 1),
+]
+
+
+def _trim_name(text: str, start: int, end: int, min_tokens: int) -> tuple[int, int] | None:
+    """Drop capitalised non-name words ("Radiology", "Left") from both ends of a name span;
+    None when fewer than ``min_tokens`` words are left."""
+    tokens = [(m.start() + start, m.end() + start)
+              for m in re.finditer(r"[^\s,]+", text[start:end])]
+    while tokens and text[tokens[0][0]:tokens[0][1]].rstrip(".").title() in NOT_NAMES:
+        tokens.pop(0)
+    while tokens and text[tokens[-1][0]:tokens[-1][1]].rstrip(".").title() in NOT_NAMES:
+        tokens.pop()
+    if len(tokens) < max(1, min_tokens):
+        return None
+    return tokens[0][0], tokens[-1][1]
+
+
+def _ipv6(text: str) -> Iterator[tuple[int, int, str]]:
+    for m in re.finditer(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}"
+                         r"(?::(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])", text):
+        candidate = m.group(0)
+        if candidate.count(":") < 2 or ("::" not in candidate and candidate.count(":") < 7):
+            continue
+        try:
+            ipaddress.IPv6Address(candidate)
+        except ValueError:
+            continue
+        yield m.start(), m.end(), "IP"
+
+
+def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
+    yield from _ipv6(text)
+    for regex, kind, group, check in PATTERNS:
+        for m in regex.finditer(text):
+            start, end = m.span(group)
+            if start == end or (check is not None and not check(m)):
+                continue
+            if kind in ("NAME", "NAME1"):  # NAME1: one word is enough ("Dr. Smith")
+                trimmed = _trim_name(text, start, end, 1 if kind == "NAME1" else 2)
+                if trimmed is None:
+                    continue
+                (start, end), kind = trimmed, "NAME"
+            if kind == "PHONE" and "fax" in text[max(0, start - 20):start].lower():
+                yield start, end, "FAX"
+            else:
+                yield start, end, kind
+
+
+def find_phi(text: str) -> list[tuple[int, int, str]]:
+    """Spans (start, end, type) of identifiers in ``text``: sorted, non-overlapping."""
+    rank = {k: i for i, k in enumerate(PRIORITY)}
+    spans: list[tuple[int, int, str]] = []
+    for start, end, kind in sorted(_candidates(text)):
+        if spans and start < spans[-1][1]:  # overlap: merge, keep the higher-priority type
+            s0, e0, k0 = spans[-1]
+            spans[-1] = (s0, max(e0, end), k0 if rank[k0] <= rank[kind] else kind)
+        else:
+            spans.append((start, end, kind))
+    return spans
+
+
+def _replace(text: str, spans: list[tuple[int, int, str]]) -> str:
+    out, pos = [], 0
+    for start, end, kind in spans:
+        out.append(text[pos:start])
+        out.append(f"[{kind}]")
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with every identifier found by find_phi replaced by its placeholder."""
+    return _replace(text, find_phi(text))
+
+
+def _text_column(df: Any, path: Path, text_column: str | None) -> str:
+    """The text column: as detect_columns finds it, or (files without labels) the given name or
+    the first usual text column name present."""
+    from medtune.data import detect_columns  # same tier; imported when used
+
+    try:
+        return str(detect_columns(df, path, text_column=text_column)[0])
+    except DataError:
+        by_lower = {str(c).lower(): str(c) for c in df.columns}
+        wanted = [text_column] if text_column else [*TEXT_COLUMNS, "question"]
+        for name in wanted:
+            if name.lower() in by_lower:
+                return by_lower[name.lower()]
+        raise
+
+
+def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None = None,
+               overwrite: bool = False) -> dict:
+    """Write ``path``'s table to ``output`` with its text column scrubbed, atomically.
+
+    Returns counts (rows, rows changed, spans per type); never any text.
+    """
+    from medtune.data import read_table
+    from medtune.synth import write_table_by_extension
+
+    path, output = Path(path), Path(output)
+    check_output_file(output, overwrite)
+    if output.resolve() == path.resolve():
+        raise DataError(f"{output}: output must differ from the input file")
+    suffix = output.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".parquet", ".pq"):
+        raise DataError(f"{output}: unsupported extension (use .csv, .jsonl or .parquet)")
+    df = read_table(path)
+    column = _text_column(df, path, text_column)
+    counts: Counter[str] = Counter()
+    changed = 0
+    scrubbed = []
+    for value in df[column].tolist():
+        if not isinstance(value, str):
+            scrubbed.append(value)
+            continue
+        spans = find_phi(value)
+        counts.update(kind for _, _, kind in spans)
+        changed += bool(spans)
+        scrubbed.append(_replace(value, spans))
+    df[column] = scrubbed
+    with atomic_file(output) as tmp:
+        write_table_by_extension(df, tmp, suffix)
+    return {"input": str(path), "output": str(output), "column": column, "rows": len(df),
+            "rows_changed": changed, "spans": {k: counts[k] for k in TYPES if counts[k]},
+            "total_spans": sum(counts.values())}

@@ -1,0 +1,317 @@
+"""`medtune predict`: label-constrained scoring (or free generation) over texts and files.
+
+Constrained mode scores every allowed label as a continuation of the prompt (``medtune.scoring``)
+and takes a softmax over the L label scores, so the prediction is always one of the labels and
+``confidence`` is its probability among them. Rows under ``min_confidence`` are flagged
+``abstained`` (best guess still given) for human review.
+
+MCQA is scored lm-eval style: the log-likelihood of each answer letter A-D right after the
+formatted question and options (``Answer: `` cue), letter tokens only.
+
+Files are streamed in chunks of ``chunk_rows`` rows (CSV/TSV via pandas chunks, Parquet via
+record batches, JSONL by lines) and written chunk by chunk to a temporary file that is renamed
+onto the output at the end: memory stays flat, and a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medtune.config import ModelConfig, PredictConfig
+from medtune.errors import ConfigError, MedtuneError
+from medtune.fsutil import atomic_file, check_output_file, read_json
+from medtune.generate import generate_batch, generation_rows, per_row_generate_baseline
+from medtune.model import Loaded, load_for_inference, model_device
+from medtune.predict_io import ChunkWriter, iter_records, output_format, progress_bar, rows_frame
+from medtune.scoring import score_tree, truncate_prompt
+
+__all__ = ["Predictor", "per_row_generate_baseline", "predict_file"]
+
+AUTO_BATCH = {"cpu": 16, "cuda": 64}  # first batch size when predict.batch_size = 0; halved on OOM
+MODES = ("constrained", "generate")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text \
+        or "can't allocate memory" in text
+
+
+class Predictor:
+    """Loaded model + template + labels; the one object predict, serve, registry and spark use."""
+
+    def __init__(self, loaded: Loaded, cfg: PredictConfig | None = None, *, snap: bool = False):
+        self.loaded = loaded
+        self.cfg = cfg = cfg or PredictConfig()
+        self.snap = snap
+        if cfg.mode not in MODES:
+            raise ConfigError(f"predict.mode: unknown '{cfg.mode}' (constrained, generate)")
+        if not 0.0 <= cfg.min_confidence <= 1.0:
+            raise ConfigError(f"predict.min_confidence must be in [0, 1], got {cfg.min_confidence}")
+        if cfg.top_k < 0 or cfg.batch_size < 0 or cfg.max_new_tokens < 1:
+            raise ConfigError("predict.top_k and predict.batch_size must be >= 0, "
+                              "predict.max_new_tokens >= 1")
+        self.labels: list[str] = list(loaded.labels)
+        tok, template = loaded.tokenizer, loaded.template
+        if template.task == "mcqa":  # lm-eval style: the letter's own tokens, no EOS
+            self.label_ids = [list(tok(lab, add_special_tokens=False)["input_ids"])
+                              for lab in self.labels]
+        else:  # the exact sequence the model was trained to emit: label tokens + EOS
+            self.label_ids = [template.answer_ids(tok, lab) for lab in self.labels]
+        self.device = model_device(loaded.model)
+        self.batch_size = cfg.batch_size or AUTO_BATCH.get(self.device.type, 16)
+        self.context_limit = _context_limit(loaded)
+
+    @classmethod
+    def from_path(cls, path: str, *, labels: str | None = None, task: str = "protocol",
+                  model_cfg: ModelConfig | None = None, cfg: PredictConfig | None = None,
+                  snap: bool = False, quantization: str | None = None) -> Predictor:
+        """A run directory, a merged model directory, or a plain base (+ ``labels``)."""
+        loaded = load_for_inference(path, model_cfg, labels=labels, task=task,
+                                    quantization=quantization)
+        return cls(loaded, cfg, snap=snap)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def template(self):
+        return self.loaded.template
+
+    @property
+    def task(self) -> str:
+        return self.loaded.template.task
+
+    # ------------------------------------------------------------------------------ internals
+    def prompts(self, texts: Sequence[str], reserve: int) -> list[list[int]]:
+        """Prompt token ids, the middle of over-long notes cut so ``reserve`` tokens still fit."""
+        limit = None if self.context_limit is None else max(8, self.context_limit - reserve)
+        return [truncate_prompt(self.template.prompt_ids(self.tokenizer, t), limit) for t in texts]
+
+    def _batched(self, fn: Callable[[list[list[int]]], list[Any]],
+                 prompts: list[list[int]]) -> list[Any]:
+        """Apply ``fn`` to batches of prompts sorted by length (less padding), halving the batch
+        size on out-of-memory; results come back in input order."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[Any] = [None] * len(prompts)
+        start = 0
+        while start < len(order):
+            idx = order[start:start + self.batch_size]
+            try:
+                out = fn([prompts[i] for i in idx])
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if not _is_oom(exc) or self.batch_size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)
+                continue
+            for i, value in zip(idx, out, strict=True):
+                results[i] = value
+            start += len(idx)
+        return results
+
+    # ------------------------------------------------------------------------------ scoring
+    def scores(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, L] log-likelihood of each label after each text's prompt."""
+        if not texts:
+            return torch.zeros((0, len(self.labels)))
+        prompts = self.prompts(texts, max(len(ids) for ids in self.label_ids))
+        pad = self.tokenizer.pad_token_id
+        rows = self._batched(lambda b: list(score_tree(self.model, b, self.label_ids, pad)),
+                             prompts)
+        out = torch.stack(rows).float()
+        if torch.isnan(out).any():
+            raise MedtuneError("the model produced NaN label scores (fp16 overflow? set "
+                               "model.compute_dtype=float32 or bfloat16)")
+        return out
+
+    def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, L] softmax over the labels' log-likelihoods: each row sums to 1."""
+        return self.scores(texts).softmax(-1)
+
+    def generate(self, texts: Sequence[str]) -> list[str]:
+        """Raw generated answers (greedy when temperature == 0), batched with left padding."""
+        cfg = self.cfg
+        prompts = self.prompts(texts, cfg.max_new_tokens)
+        return self._batched(lambda b: generate_batch(
+            self.model, self.tokenizer, b, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p), prompts)
+
+    def predict_texts(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """One dict per text: prediction, confidence, abstained, top_k ([[label, prob], ...]);
+        generate mode adds raw_output and in_label_set (and snapped when snapping).
+        A blank text is always flagged abstained."""
+        texts = [str(t) for t in texts]
+        if self.cfg.mode == "generate":
+            rows = generation_rows(self.generate(texts), self.labels, self.snap)
+        else:
+            rows = self._constrained_rows(self.probabilities(texts))
+        for row, text in zip(rows, texts, strict=True):
+            if not text.strip():
+                row["abstained"] = True
+        return rows
+
+    def _constrained_rows(self, probs: torch.Tensor) -> list[dict[str, Any]]:
+        k = min(self.cfg.top_k, len(self.labels))
+        top_p, top_i = probs.sort(-1, descending=True)
+        rows = []
+        for p_row, i_row in zip(top_p.tolist(), top_i.tolist(), strict=True):
+            confidence = p_row[0]
+            rows.append({"prediction": self.labels[i_row[0]], "confidence": confidence,
+                         "abstained": confidence < self.cfg.min_confidence,
+                         "top_k": [[self.labels[i], p] for i, p in zip(i_row[:k], p_row[:k],
+                                                                        strict=True)]})
+        return rows
+
+
+def _context_limit(loaded: Loaded) -> int | None:
+    """Tokens a prompt plus its answer may use: the training max_length of a run, else the
+    model's position limit."""
+    train = (loaded.meta.get("config") or {}).get("train") or {}
+    if train.get("max_length"):
+        return int(train["max_length"])
+    limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+# ---------------------------------------------------------------------------------- files
+ChunkFn = Callable[[list[str]], list[dict[str, Any]]]
+
+
+def model_task(model: str | Path) -> str | None:
+    """The task a run or merged directory was trained for (None for a plain base)."""
+    for name in ("medtune.json", "labels.json"):
+        p = Path(model) / name
+        if p.is_file():
+            meta = read_json(p)
+            if isinstance(meta, dict) and meta.get("task"):
+                return str(meta["task"])
+    return None
+
+
+def resolve_task(model: str | Predictor, task: str) -> str:
+    """The model's own task wins over the default; a conflicting explicit task is an error."""
+    own = model.task if isinstance(model, Predictor) else model_task(model)
+    if own is None or own == task:
+        return task
+    if task == "protocol":
+        return own
+    raise ConfigError(f"task '{task}' given, but {_model_name(model)} was trained for '{own}'")
+
+
+def _model_name(model: str | Predictor) -> str:
+    return model.loaded.path if isinstance(model, Predictor) else str(model)
+
+
+def predict_file(model: str | Predictor, data: str, output: str, cfg: PredictConfig, *,
+                 labels: str | None = None, task: str = "protocol",
+                 text_column: str | None = None, label_column: str | None = None,
+                 keep_text: bool = False, engine: str = "local", overwrite: bool = False,
+                 snap: bool = False, cop_base: int = 0, model_cfg: ModelConfig | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Predict every row of ``data`` into ``output`` (.csv or .parquet); returns a summary
+    (rows, seconds, notes_per_s, abstained, outside_label_set, accuracy when gold is present).
+
+    ``model``: a run / merged / plain-base directory, or a loaded ``Predictor`` (its own cfg).
+    ``engine="spark"`` runs the model in a Spark session (``medtune.spark``)."""
+    if engine == "spark":
+        if isinstance(model, Predictor):
+            raise MedtuneError("engine=spark needs a model path, not a loaded Predictor")
+        from medtune.spark import predict_file_spark
+
+        return predict_file_spark(model, data, output, cfg, labels=labels, task=task,
+                                  text_column=text_column, label_column=label_column,
+                                  keep_text=keep_text, overwrite=overwrite, snap=snap,
+                                  cop_base=cop_base, model_cfg=model_cfg, progress=progress)
+    if engine != "local":
+        raise ConfigError(f"engine: unknown '{engine}' (local, spark)")
+    task = resolve_task(model, task)
+
+    def make_fn() -> ChunkFn:
+        if isinstance(model, Predictor):
+            return model.predict_texts
+        return Predictor.from_path(model, labels=labels, task=task, model_cfg=model_cfg,
+                                   cfg=cfg, snap=snap).predict_texts
+
+    if isinstance(model, Predictor):
+        cfg, snap = model.cfg, model.snap
+    return stream_predictions(make_fn, data, output, cfg, task=task, text_column=text_column,
+                              label_column=label_column, keep_text=keep_text,
+                              overwrite=overwrite, snap=snap, cop_base=cop_base,
+                              progress=progress, engine="local", model_name=_model_name(model))
+
+
+def stream_predictions(make_fn: Callable[[], ChunkFn], data: str, output: str,
+                       cfg: PredictConfig, *, task: str = "protocol",
+                       text_column: str | None = None, label_column: str | None = None,
+                       keep_text: bool = False, overwrite: bool = False, snap: bool = False,
+                       cop_base: int = 0, progress: bool = True, engine: str = "local",
+                       model_name: str = "") -> dict[str, Any]:
+    """Read ``data`` chunk by chunk, predict each chunk with the function ``make_fn()`` returns
+    (called once the input's columns are checked), and write ``output`` atomically."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"predict.mode: unknown '{cfg.mode}' (constrained, generate)")
+    if cfg.chunk_rows < 1:
+        raise ConfigError(f"predict.chunk_rows must be >= 1, got {cfg.chunk_rows}")
+    fmt = output_format(output)
+    if Path(output).resolve() == Path(data).resolve():
+        raise MedtuneError(f"{output}: output would overwrite the input file")
+    check_output_file(output, overwrite)
+    chunks, total = iter_records(data, task=task, text_column=text_column,
+                                 label_column=label_column, chunk_rows=cfg.chunk_rows,
+                                 cop_base=cop_base)
+    first = next(chunks)
+    loading = time.perf_counter()
+    predict_chunk = make_fn()
+    load_seconds = time.perf_counter() - loading
+    n = {"rows": 0, "abstained": 0, "outside_label_set": 0, "snapped": 0, "empty_text": 0,
+         "gold_rows": 0, "correct": 0}
+    start = time.perf_counter()
+    with atomic_file(output) as tmp, progress_bar(progress, total) as advance:
+        writer = ChunkWriter(tmp, fmt)
+        try:
+            for chunk in itertools.chain([first], chunks):
+                rows = predict_chunk(chunk.texts)
+                if len(rows) != len(chunk.texts):
+                    raise MedtuneError(f"{data}: got {len(rows)} predictions for "
+                                       f"{len(chunk.texts)} rows")
+                writer.write(rows_frame(chunk, rows, mode=cfg.mode, snap=snap,
+                                        keep_text=keep_text))
+                n["rows"] += len(rows)
+                n["empty_text"] += sum(1 for t in chunk.texts if not t.strip())
+                for i, row in enumerate(rows):
+                    n["abstained"] += bool(row["abstained"])
+                    n["outside_label_set"] += not row.get("in_label_set", True)
+                    n["snapped"] += bool(row.get("snapped", False))
+                    if chunk.gold is not None and chunk.gold[i]:
+                        n["gold_rows"] += 1
+                        n["correct"] += row["prediction"] == chunk.gold[i]
+                advance(len(rows), time.perf_counter() - start)
+        finally:
+            writer.close()
+    seconds = time.perf_counter() - start
+    summary: dict[str, Any] = {
+        "rows": n["rows"], "seconds": round(seconds, 3), "load_seconds": round(load_seconds, 3),
+        "notes_per_s": round(n["rows"] / max(seconds, 1e-9), 2), "mode": cfg.mode,
+        "engine": engine, "task": task, "model": model_name, "output": str(output),
+        "abstained": n["abstained"], "outside_label_set": n["outside_label_set"],
+        "empty_text": n["empty_text"]}
+    if snap and cfg.mode == "generate":
+        summary["snapped"] = n["snapped"]
+    if first.gold is not None:
+        summary["gold_rows"] = n["gold_rows"]
+        if n["gold_rows"]:
+            summary["accuracy"] = round(n["correct"] / n["gold_rows"], 6)
+    return summary

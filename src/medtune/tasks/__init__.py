@@ -1,0 +1,82 @@
+"""Tasks: what a record is, how it becomes a prompt, and how an answer is encoded.
+
+The prompt and the answer are tokenized separately and concatenated, so training, constrained
+scoring and generation all see exactly the same token sequence for the same (record, answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medtune.fsutil import read_json, write_json
+
+PROTOCOL_INSTRUCTION = "Assign the imaging protocol for this clinical note."
+MCQA_INSTRUCTION = "Answer the multiple-choice medical question with the letter of the correct option."
+
+
+@dataclass
+class Template:
+    """How a record's text becomes prompt tokens; saved as template.json in every run directory.
+
+    kind: 'chat' uses the tokenizer's own chat template (user turn, generation prompt);
+    'plain' uses ``plain_format`` with ``{instruction}`` and ``{input}`` fields.
+    """
+
+    task: str = "protocol"
+    kind: str = "plain"
+    instruction: str = PROTOCOL_INSTRUCTION
+    plain_format: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    answer_prefix: str = ""
+    labels_in_prompt: bool = False
+    labels: list[str] = field(default_factory=list)
+
+    def user_message(self, text: str) -> str:
+        msg = f"{self.instruction}\n\n{text}"
+        if self.labels_in_prompt and self.labels:
+            msg += "\n\nOptions: " + "; ".join(self.labels)
+        return msg
+
+    def prompt_text(self, tokenizer: Any, text: str) -> str:
+        if self.kind == "chat":
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": self.user_message(text)}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            return str(rendered) + self.answer_prefix
+        instruction = self.instruction
+        if self.labels_in_prompt and self.labels:
+            instruction += " Options: " + "; ".join(self.labels)
+        return self.plain_format.format(instruction=instruction, input=text) + self.answer_prefix
+
+    def prompt_ids(self, tokenizer: Any, text: str) -> list[int]:
+        """Token ids of the prompt, with the tokenizer's BOS when it uses one (not the chat
+        template's, which already contains it)."""
+        ids = tokenizer(self.prompt_text(tokenizer, text), add_special_tokens=False)["input_ids"]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if self.kind == "plain" and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return list(ids)
+
+    def answer_ids(self, tokenizer: Any, answer: str) -> list[int]:
+        """Token ids of the answer followed by EOS: the model learns to stop after the label."""
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return [*ids, tokenizer.eos_token_id]
+
+    def save(self, directory: str | Path) -> None:
+        write_json(Path(directory) / "template.json", asdict(self))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Template:
+        return cls(**read_json(Path(directory) / "template.json"))
+
+
+def default_template(task: str, tokenizer: Any, labels: list[str]) -> Template:
+    """The base's own chat template when it has one, else the plain instruction template."""
+    kind = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    instruction = MCQA_INSTRUCTION if task == "mcqa" else PROTOCOL_INSTRUCTION
+    answer_prefix = "Answer: " if task == "mcqa" else ""
+    return Template(task=task, kind=kind, instruction=instruction, answer_prefix=answer_prefix,
+                    labels=list(labels))

@@ -1,0 +1,477 @@
+"""`medtune train`: completion-only QLoRA fine-tuning with checkpoints and exact resume.
+
+Recipe shape: setup -> fit -> save. The loss is computed on answer tokens only, and the LM head
+runs only at those positions: with a 32k-256k vocabulary the [batch, seq, vocab] logits tensor is
+most of the head's cost and memory, while a classification answer is a handful of tokens.
+
+    tokens/step = batch_size x padded length (length-grouped batches keep padding small)
+    loss        = sum of CE over supervised tokens in the step / supervised tokens in the step
+so the gradient does not depend on how a step is split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medtune import checkpoint as ckpt
+from medtune.batching import (
+    IGNORE,
+    Example,
+    collate,
+    encode_examples,
+    epoch_batches,
+    steps_per_epoch,
+)
+from medtune.config import Config
+from medtune.errors import MedtuneError
+from medtune.fsutil import prepare_output_dir, read_json, write_json, write_text
+from medtune.model import (
+    attach_lora,
+    compute_dtype,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+)
+from medtune.tasks import default_template
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+# ----------------------------------------------------------------------------- loss
+def unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supervised_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over supervised positions, computing the head only there."""
+    base = unwrap(model)
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    sel = hidden[:, :-1][keep]
+    logits = base.get_output_embeddings()(sel).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+# ----------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    rank, world = dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank, world
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclass
+class Setup:
+    cfg: Config
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    template: Any
+    labels: list[str]
+    train: list[Example]
+    val_texts: list[str]
+    val_answers: list[str]
+    val: list[Example]
+    base: str
+    device: str
+    rank: int = 0
+    world: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_split(path: str, cfg: Config):
+    from medtune.data import load_labeled
+
+    return load_labeled(path, task=cfg.data.task, text_column=cfg.data.text_column,
+                        label_column=cfg.data.label_column, max_field_bytes=cfg.data.max_field_bytes,
+                        drop_empty=True)
+
+
+def _split_val(df, cfg: Config):
+    """No --val: hold out a seeded slice of the training file for validation."""
+    n_val = max(1, int(len(df) * cfg.data.val_fraction))
+    shuffled = df.sample(frac=1.0, random_state=cfg.data.seed)
+    return shuffled.iloc[n_val:], shuffled.iloc[:n_val]
+
+
+def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
+          resume: bool = False, overwrite: bool = False) -> Setup:
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.model.device)
+    rank, world = init_distributed(device)
+    run_dir = Path(output)
+    if rank == 0 and not resume:
+        prepare_output_dir(run_dir, overwrite)
+        # --overwrite: a previous run's metrics (appended to) and checkpoints (picked by --resume)
+        # must not leak into this one
+        for stale in ("metrics.jsonl", "medtune.json", "loss.png", "checkpoints", "adapter"):
+            path = run_dir / stale
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    train_df = _load_split(data, cfg)
+    if val:
+        val_df = _load_split(val, cfg)
+    else:
+        train_df, val_df = _split_val(train_df, cfg)
+    if cfg.data.scrub_phi:
+        from medtune.phi import scrub_text
+
+        train_df = train_df.assign(text=train_df["text"].map(scrub_text))
+        val_df = val_df.assign(text=val_df["text"].map(scrub_text))
+    labels = sorted(set(train_df["label"]))
+    if cfg.data.task == "mcqa":
+        labels = ["A", "B", "C", "D"]
+    unseen = sorted(set(val_df["label"]) - set(labels))
+    if unseen:
+        print(f"warning: {len(unseen)} validation label(s) unseen in training: {unseen}",
+              file=sys.stderr)
+    base = cfg.model.base
+    if base == "embedded":
+        from medtune.base import build_base
+
+        base = str(build_base(list(train_df["text"]), extra_vocab_texts=labels,
+                              progress=rank == 0))
+    tokenizer = load_tokenizer(base)
+    quantized = cfg.model.quantization != "none"
+    if not cfg.lora.enabled and quantized:
+        raise MedtuneError("full fine-tuning (lora.enabled=false) needs model.quantization=none")
+    model = load_base_model(base, cfg.model, tokenizer)
+    if cfg.lora.enabled:
+        model = attach_lora(model, cfg.lora, quantized=quantized,
+                            gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if quantized:
+        _keep_4bit_training_layout(model)
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    template = default_template(cfg.data.task, tokenizer, labels)
+    enc = [encode_examples(template, tokenizer, list(df["text"]), list(df["label"]),
+                           cfg.train.max_length) for df in (train_df, val_df)]
+    meta = {"kind": "run" if cfg.lora.enabled else "merged", "base": base, "task": cfg.data.task,
+            "quantization": cfg.model.quantization, "device": device,
+            "compute_dtype": str(compute_dtype(device, cfg.model.compute_dtype)).replace("torch.", ""),
+            "train_rows": len(train_df), "val_rows": len(val_df), "data": str(data),
+            "config": cfg.to_dict()}
+    return Setup(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, template=template,
+                 labels=labels, train=enc[0], val_texts=list(val_df["text"]),
+                 val_answers=list(val_df["label"]), val=enc[1], base=base, device=device,
+                 rank=rank, world=world, meta=meta)
+
+
+def _keep_4bit_training_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster kernel on the
+    first eval-mode forward (``validate``), and that kernel has no backward: every later training
+    step would silently get wrong gradients. Keep the trainable layout for the whole run."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+# ----------------------------------------------------------------------------- optimizer
+def make_optimizer(params, cfg: Config, device: str):
+    name = cfg.train.optimizer
+    if name == "auto":
+        name = "paged_adamw8bit" if device == "cuda" else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    import bitsandbytes as bnb
+
+    if name == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if name == "adamw8bit":
+        return bnb.optim.AdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    raise MedtuneError(f"train.optimizer: unknown '{name}' (auto, adamw, adamw8bit, paged_adamw8bit)")
+
+
+def make_scheduler(optimizer, cfg: Config, total: int):
+    warm = cfg.train.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.train.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.train.scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    if cfg.train.scheduler not in ("cosine", "linear", "constant"):
+        raise MedtuneError(f"train.scheduler: unknown '{cfg.train.scheduler}' (cosine, linear, constant)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or \
+        "can't allocate memory" in text
+
+
+# ----------------------------------------------------------------------------- fit
+class Interrupted(Exception):
+    pass
+
+
+def _step(s: Setup, batch: list[Example], micro: int) -> tuple[float, int, int]:
+    """One optimizer step's forward/backward over ``batch`` (this rank's share), in micro-batches."""
+    device = s.device
+    total = all_reduce_(torch.tensor(float(sum(len(e.input_ids) - e.n_prompt for e in batch))))
+    # every sequence supervises its answer tokens incl. EOS; normalise by the global count
+    loss_sum, tokens = 0.0, 0
+    for i in range(0, len(batch), micro):
+        b = collate(batch[i:i + micro], s.tokenizer.pad_token_id)
+        b = {k: v.to(device) for k, v in b.items()}
+        ce, n = supervised_loss(s.model, b["input_ids"], b["attention_mask"], b["labels"])
+        (ce / total.to(device)).backward()
+        loss_sum += float(ce)
+        tokens += int(b["attention_mask"].sum())
+    return loss_sum, tokens, int(total)
+
+
+@torch.no_grad()
+def validate(s: Setup) -> dict[str, float]:
+    from medtune.scoring import score_labels
+
+    n = min(len(s.val), s.cfg.train.eval_samples)
+    if n == 0:
+        return {}
+    s.model.eval()
+    ce_sum, count = 0.0, 0
+    for i in range(0, n, 16):
+        b = {k: v.to(s.device) for k, v in collate(s.val[i:min(n, i + 16)], s.tokenizer.pad_token_id).items()}
+        ce, k = supervised_loss(s.model, b["input_ids"], b["attention_mask"], b["labels"])
+        ce_sum, count = ce_sum + float(ce), count + k
+    scores = score_labels(s.model, s.tokenizer, s.template, s.val_texts[:n], s.labels,
+                          batch_size=8, max_prompt_tokens=s.cfg.train.max_length)
+    pred = [s.labels[j] for j in scores.argmax(-1).tolist()]
+    acc = sum(p == g for p, g in zip(pred, s.val_answers[:n], strict=True)) / n
+    s.model.train()
+    return {"val_loss": ce_sum / max(1, count), "val_accuracy": acc}
+
+
+def _log(s: Setup, row: dict[str, Any], callbacks: list[Callback]) -> None:
+    if s.rank != 0:
+        return
+    with open(s.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+    for cb in callbacks:
+        cb(row)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Resume: rows logged after the checkpoint belong to steps that are about to be redone."""
+    if path.exists():
+        rows = [x for x in path.read_text(encoding="utf-8").splitlines()
+                if x.strip() and json.loads(x).get("step", 0) <= step]
+        write_text(path, "".join(f"{r}\n" for r in rows))
+
+
+def fit(s: Setup, *, resume: bool = False, progress: bool = True,
+        callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    cfg, tc = s.cfg, s.cfg.train
+    callbacks = callbacks or []
+    if tc.batch_size % s.world:
+        raise MedtuneError(f"train.batch_size={tc.batch_size} must be divisible by {s.world} processes")
+    spe = steps_per_epoch(len(s.train), tc.batch_size)
+    total = tc.max_steps or max(1, math.ceil(spe * tc.epochs))
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, s.device)
+    scheduler = make_scheduler(optimizer, cfg, total)
+    start_step, state = 0, {}
+    if resume:
+        found = ckpt.complete_checkpoints(s.run_dir)
+        if not found:
+            raise MedtuneError(f"{s.run_dir}: --resume given but no complete checkpoint found")
+        state = ckpt.load_checkpoint(found[-1], s.model, optimizer, scheduler)
+        start_step = state["step"]
+        if s.rank == 0:
+            _drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
+        if s.rank == 0:
+            print(f"resuming from {found[-1].name} (step {start_step}/{total})", file=sys.stderr)
+    lengths = [len(e.input_ids) for e in s.train]
+    micro = tc.micro_batch_size or tc.batch_size
+    s.model.train()
+    stop = {"flag": False}
+
+    def _on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
+        stop["flag"] = True
+
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} \
+        if s.rank == 0 and _main_thread() else {}
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0, tok_window, last = time.time(), 0, {}
+    epoch_cache: dict[int, list[list[int]]] = {}
+    try:
+        with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} "
+                                 "{task.fields[tps]:.0f} tok/s"), TimeRemainingColumn(),
+                      disable=not progress or s.rank != 0) as bar:
+            task = bar.add_task("train", total=total, completed=start_step, loss=float("nan"),
+                                lr=scheduler.get_last_lr()[0], tps=0.0)
+            for step in range(start_step, total):
+                epoch, idx = divmod(step, spe)
+                if epoch not in epoch_cache:
+                    epoch_cache = {epoch: epoch_batches(lengths, tc.batch_size, tc.seed, epoch,
+                                                        tc.group_by_length)}
+                indices = epoch_cache[epoch][idx]
+                share = len(indices) // s.world if len(indices) >= s.world else len(indices)
+                mine = indices[s.rank * share:(s.rank + 1) * share] if s.world > 1 else indices
+                batch = [s.train[i] for i in mine]
+                while True:
+                    try:
+                        loss_sum, tokens, n_sup = _step(s, batch, micro)
+                        break
+                    except RuntimeError as exc:
+                        if not _is_oom(exc) or micro == 1:
+                            raise
+                        optimizer.zero_grad(set_to_none=True)
+                        micro = max(1, micro // 2)
+                        print(f"out of memory: micro-batch size -> {micro}", file=sys.stderr)
+                loss = all_reduce_(torch.tensor(loss_sum)).item() / max(1, n_sup)
+                if not math.isfinite(loss):
+                    raise MedtuneError(
+                        f"loss became {loss} at step {step + 1}: training stopped before writing a "
+                        "checkpoint (usual causes: fp16 overflow -> use bf16/fp32 compute, or a "
+                        "learning rate too high)")
+                if s.world > 1:
+                    for p in params:
+                        if p.grad is not None:
+                            all_reduce_(p.grad)
+                if tc.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                tok_window += tokens * s.world
+                elapsed = time.time() - t0
+                lr = scheduler.get_last_lr()[0]
+                bar.update(task, completed=done, loss=loss, lr=lr, tps=tok_window / max(elapsed, 1e-9))
+                last = {"step": done, "epoch": round(done / spe, 4), "loss": loss, "lr": lr,
+                        "tokens_per_s": tok_window / max(elapsed, 1e-9), "elapsed_s": elapsed}
+                if done % max(1, tc.log_every) == 0 or done == total:
+                    _log(s, last, callbacks)
+                if (tc.eval_every and done % tc.eval_every == 0) or done == total:
+                    ev = validate(s)
+                    if ev:
+                        last.update(ev)
+                        _log(s, {"step": done, **ev}, callbacks)
+                if s.rank == 0 and ((tc.save_every and done % tc.save_every == 0) or done == total
+                                    or stop["flag"]):
+                    ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
+                                         {"epoch": epoch, "micro_batch_size": micro},
+                                         keep=tc.keep_checkpoints)
+                if stop["flag"]:
+                    raise Interrupted(done)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return last
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------- save
+def save(s: Setup, summary: dict[str, Any]) -> Path:
+    if s.rank != 0:
+        return s.run_dir
+    out = s.run_dir
+    if s.cfg.lora.enabled:
+        s.model.save_pretrained(str(out / "adapter"), safe_serialization=True)
+    else:
+        unwrap(s.model).save_pretrained(str(out), safe_serialization=True)
+    s.tokenizer.save_pretrained(str(out / "tokenizer") if s.cfg.lora.enabled else str(out))
+    s.template.save(out)
+    write_json(out / "labels.json", {"task": s.cfg.data.task, "labels": s.labels})
+    write_json(out / "medtune.json", {**s.meta, "summary": summary})
+    _plot_losses(out / "metrics.jsonl", out / "loss.png")
+    return out
+
+
+def _plot_losses(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    for pts, name in ((tr, "train loss"), (va, "val loss")):
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o" if name == "val loss" else None, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.legend()
+    fig.tight_layout()
+    from medtune.fsutil import atomic_file
+
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
+          callbacks: list[Callback] | None = None) -> Path:
+    """Setup -> fit -> save. Returns the run directory."""
+    s = setup(cfg, data, output, val=val, resume=resume, overwrite=overwrite)
+    if s.rank == 0:
+        s.template.save(s.run_dir)
+        write_json(s.run_dir / "labels.json", {"task": cfg.data.task, "labels": s.labels})
+    t0 = time.time()
+    try:
+        summary = fit(s, resume=resume, progress=progress, callbacks=callbacks)
+    except Interrupted as stopped:
+        raise MedtuneError(f"interrupted: checkpoint saved at step {stopped.args[0]}; "
+                           f"continue with --resume") from None
+    summary["train_seconds"] = round(time.time() - t0, 2)
+    out = save(s, summary)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / "medtune.json").get("summary", {})
+
+

@@ -1,0 +1,93 @@
+"""The embedded base: tokenizer + tiny Llama built locally, a plain HF directory, cached, seeded."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medtune.base import CHAT_TEMPLATE, BaseSpec, build_base
+from medtune.errors import MedtuneError
+from medtune.synth import synth_protocol
+
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+            seq_len=32, batch_size=4, steps=5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (two spin on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def notes() -> list[str]:
+    return list(synth_protocol(60, seed=1)["text"])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_build_saves_a_plain_hf_model_and_reuses_the_cache(notes, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    path = build_base(notes, spec=BaseSpec(**TINY), progress=False)
+    assert path.parent == tmp_path / "cache" / "bases"
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
+    ids = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+    assert None not in ids and len(ids) == 3
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tok)
+    assert tok.chat_template == CHAT_TEMPLATE
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert prompt.startswith(tok.bos_token) and prompt.endswith("<|assistant|>\n")
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([tok(notes[0])["input_ids"][:20]]))
+    assert out.logits.shape[-1] == model.config.vocab_size
+    info = json.loads((path / "medtune_base.json").read_text())
+    assert info["kind"] == "embedded-base" and info["notes"] == 60 and info["spec"]["steps"] == 5
+
+    # same inputs: the cached directory comes back untouched, no retraining
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    again = build_base(notes, spec=BaseSpec(**TINY), progress=False)
+    assert again == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+    # different inputs: a different cache entry
+    other = build_base(notes[:-1], spec=BaseSpec(**TINY), progress=False)
+    assert other != path and other.parent == path.parent
+
+
+def test_build_is_deterministic_per_seed(notes, tmp_path):
+    a = weights(build_base(notes, tmp_path / "a", BaseSpec(**TINY, seed=3), progress=False))
+    b = weights(build_base(notes, tmp_path / "b", BaseSpec(**TINY, seed=3), progress=False))
+    c = weights(build_base(notes, tmp_path / "c", BaseSpec(**TINY, seed=4), progress=False))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    vocab_a = json.loads((tmp_path / "a" / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab_b = json.loads((tmp_path / "b" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab_a == vocab_b
+
+
+def test_build_pretraining_lowers_the_loss(notes, tmp_path):
+    spec = BaseSpec(**{**TINY, "steps": 40})
+    info = json.loads((build_base(notes, tmp_path / "m", spec, progress=False)
+                       / "medtune_base.json").read_text())
+    # an untrained model (uniform guess) costs ln(384) = 5.95 nats per token; 40 steps get < 5
+    assert info["final_loss"] < math.log(384) - 0.75
+
+
+def test_build_needs_enough_notes(tmp_path):
+    with pytest.raises(MedtuneError, match="at least 20"):
+        build_base(["a note"] * 5 + ["  "] * 30, tmp_path / "x", BaseSpec(**TINY), progress=False)
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,69 @@
+"""Command line: help, resolved config, one-line errors with exit code 2, --debug tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from conftest import TINY_NOTES
+
+
+def medtune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "medtune", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=env)
+
+
+def test_help_lists_the_verbs():
+    out = medtune("--help")
+    assert out.returncode == 0, out.stderr
+    for verb in ("train", "merge", "config", "data", "base"):
+        assert verb in out.stdout
+
+
+def test_config_show_prints_resolved_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# medtune config show c.yaml\ntrain:\n  batch_size: 8\n")
+    out = medtune("config", "show", str(path), "train.lr=1e-4",
+                  "lora.target_modules=q_proj,v_proj", "model.device=cpu")
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["train"]["lr"] == 1e-4 and shown["train"]["batch_size"] == 8
+    assert shown["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert shown["model"]["device"] == "cpu"
+    assert shown["train"]["epochs"] == 1.0  # untouched default shown too
+
+
+def test_user_error_is_one_line_exit_2_without_traceback(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lrr: 1e-4\n")
+    out = medtune("config", "show", str(path))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(path) in lines[0] and "train.lr" in lines[0]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = medtune("--debug", "config", "show", str(tmp_path / "missing.yaml"))
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
+def test_resume_without_checkpoint_is_a_user_error(tiny_base, tmp_path):
+    data = tmp_path / "t.csv"
+    labels = ["head" if i in (0, 1, 4, 5) else "body" for i in range(8)]
+    pd.DataFrame({"text": TINY_NOTES[:16], "label": labels * 2}).to_csv(data, index=False)
+    out = medtune("train", "--data", str(data), "--output", str(tmp_path / "run"),
+                  "--base", str(tiny_base), "--resume", "model.device=cpu",
+                  "model.quantization=none", "train.batch_size=4")
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no complete checkpoint" in last
+    assert "Traceback" not in out.stderr

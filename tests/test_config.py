@@ -1,0 +1,105 @@
+"""Configuration: shipped YAML files, unknown keys, bad YAML, dotted overrides and their types."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from medtune.config import Config, config_from_dict, field_help, load_config, parse_override
+from medtune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert len(SHIPPED) >= 1 and ROOT / "configs" / "protocol" / "demo.yaml" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
+def test_every_shipped_config_loads_and_names_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#") and "medtune" in first  # each file starts with its command
+
+
+def test_unknown_key_names_the_key_and_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train\.lrr'.*did you mean 'train\.lr'"):
+        load_config(None, ["train.lrr=1e-4"])
+    with pytest.raises(ConfigError, match=r"section 'trian'.*did you mean 'train'"):
+        load_config(None, ["trian.lr=1e-4"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  batchsize: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and "'train.batchsize'" in message
+    assert "did you mean 'train.batch_size'" in message and "\n" not in message
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  batch_size: [8, 16\nlora:\n  r: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "invalid YAML" in message
+    assert "line 4" in message  # where the parser found the unclosed list
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_dotted_overrides_are_coerced_to_field_types():
+    cfg = load_config(None, ["train.lr=1e-4", "lora.target_modules=q_proj,v_proj",
+                             "model.device=cpu", "train.max_steps=10", "train.epochs=2",
+                             "model.gradient_checkpointing=yes", "data.text_column=none",
+                             "lora.dropout=0"])
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.model.device == "cpu"
+    assert cfg.train.max_steps == 10 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.model.gradient_checkpointing is True
+    assert cfg.data.text_column is None
+    assert cfg.lora.dropout == 0.0
+    assert load_config(None, ["lora.target_modules=all-linear"]).lora.target_modules == "all-linear"
+    assert parse_override("model.base=/a/b=c") == ("model.base", "/a/b=c")
+
+
+@pytest.mark.parametrize("override, field", [("train.max_steps=1.5", "train.max_steps"),
+                                             ("train.lr=fast", "train.lr"),
+                                             ("train.group_by_length=maybe",
+                                              "train.group_by_length"),
+                                             ("train.batch_size=true", "train.batch_size"),
+                                             ("model.device=[1, 2]", "model.device"),
+                                             ("train=3", "train"),
+                                             ("train.lr", "train.lr")])
+def test_bad_override_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_precedence_defaults_then_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# medtune train -c c.yaml\ntrain:\n  lr: 3.0e-4\n  batch_size: 8\n"
+                    "lora:\n  target_modules: [q_proj, k_proj]\n")
+    cfg = load_config(path, ["train.batch_size=4"])
+    assert cfg.train.lr == pytest.approx(3e-4)  # from the file
+    assert cfg.train.batch_size == 4  # override wins
+    assert cfg.train.epochs == Config().train.epochs  # default kept
+    assert cfg.lora.target_modules == ["q_proj", "k_proj"]
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_every_field_has_help():
+    rows = field_help()
+    n_fields = sum(len(dataclasses.fields(getattr(Config(), s.name)))
+                   for s in dataclasses.fields(Config))
+    assert len(rows) == n_fields
+    assert all(key.count(".") == 1 and len(help_text) > 10 for key, _, help_text in rows)

@@ -1,0 +1,360 @@
+"""Readers, validation, inspect and split, on tiny hand-written fixtures (invented text)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medtune.config import DataConfig
+from medtune.data import (
+    check_unseen_labels,
+    detect_columns,
+    inspect_data,
+    load_labeled,
+    normalize_text,
+    read_table,
+    render_inspect,
+    split_data,
+)
+from medtune.errors import DataError, MedtuneError
+
+BODY_PARTS = ["Knee MRI", "Wrist XR", "Ankle CT"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def notes_frame(per_label: int = 20, labels: list[str] = BODY_PARTS) -> pd.DataFrame:
+    """Distinct invented notes: label i, note j."""
+    rows = [{"text": f"Invented note {j} about the {label.split()[0].lower()} of patient {j * 7}",
+             "label": label} for label in labels for j in range(per_label)]
+    return pd.DataFrame(rows)
+
+
+def notes_csv(tmp_path: Path, df: pd.DataFrame, name: str = "notes.csv") -> Path:
+    path = tmp_path / name
+    df.to_csv(path, index=False)
+    return path
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**{"min_count": 1, **kw})
+
+
+def error_of(fn, *args, **kw) -> str:
+    with pytest.raises(DataError) as info:
+        fn(*args, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------ bad input, one by one
+
+
+def test_missing_file(tmp_path):
+    msg = error_of(read_table, tmp_path / "nope.csv")
+    assert "nope.csv" in msg and "not found" in msg
+
+
+def test_unknown_format(tmp_path):
+    msg = error_of(read_table, write(tmp_path / "notes.xlsx", "a,b\n1,2\n"))
+    assert "'.xlsx'" in msg and ".csv" in msg and ".parquet" in msg
+
+
+def test_empty_file(tmp_path):
+    assert "empty" in error_of(read_table, write(tmp_path / "e.csv", "\n  \n"))
+    assert "no data rows" in error_of(read_table, write(tmp_path / "h.csv", "text,label\n"))
+
+
+def test_missing_column_lists_available(tmp_path):
+    path = write(tmp_path / "n.csv", "body,answer\nfoo,bar\n")
+    msg = error_of(load_labeled, path)
+    assert "n.csv" in msg and "text column" in msg and "body, answer" in msg
+    df = read_table(path)
+    msg = error_of(detect_columns, df, path, text_column="body")
+    assert "label column" in msg and "body, answer" in msg
+    assert "'note'" in error_of(detect_columns, df, path, text_column="note", label_column="answer")
+
+
+def test_empty_text(tmp_path):
+    path = write(tmp_path / "n.csv", "text,label\nfine note,A\n   ,B\n")
+    msg = error_of(load_labeled, path)
+    assert "n.csv" in msg and "row 2" in msg and "'text'" in msg and "empty text" in msg
+    df = load_labeled(path, drop_empty=True)
+    assert df.attrs["dropped_empty"] == 1 and df["label"].tolist() == ["A"]
+
+
+def test_empty_label(tmp_path):
+    path = write(tmp_path / "n.csv", "note,protocol\nfirst,A\nsecond,\nthird,C\n")
+    msg = error_of(load_labeled, path)
+    assert "row 2" in msg and "'protocol'" in msg and "empty label" in msg
+    assert load_labeled(path, drop_empty=True).attrs["dropped_empty"] == 1
+    assert load_labeled(path, require_labels=False)["label"].tolist() == ["A", "", "C"]
+
+
+def test_non_utf8_bytes_csv_and_jsonl(tmp_path):
+    path = tmp_path / "n.csv"
+    path.write_bytes(b'text,label\nok note,A\n"multi\nline",B\ncaf\xe9 note,C\n')
+    msg = error_of(read_table, path)
+    assert "data row 3" in msg and "'text'" in msg and "UTF-8" in msg
+    offset = path.read_bytes().index(b"\xe9")
+    assert f"byte offset {offset}" in msg
+    jpath = tmp_path / "n.jsonl"
+    jpath.write_bytes(b'{"text": "a", "label": "A"}\n{"text": "b\xff", "label": "B"}\n')
+    assert "line 2" in error_of(read_table, jpath)
+
+
+def test_ragged_csv_row(tmp_path):
+    path = write(tmp_path / "n.csv", "text,label\na,A\nb,B,extra\n")
+    msg = error_of(read_table, path)
+    assert "data row 2" in msg and "expected 2 fields, got 3" in msg
+
+
+def test_bad_json_line(tmp_path):
+    path = write(tmp_path / "n.jsonl", '{"text": "a", "label": "A"}\n\n{"text": "b", "label"\n')
+    assert "line 3" in error_of(read_table, path)
+    path = write(tmp_path / "l.jsonl", '{"text": "a", "label": "A"}\n["not", "an", "object"]\n')
+    assert "line 2" in error_of(read_table, path)
+
+
+def test_field_over_limit_small_limit(tmp_path):
+    path = write(tmp_path / "n.csv", "text,label\nshort,A\n" + "x" * 40 + ",B\n")
+    msg = error_of(read_table, path, max_field_bytes=30)
+    assert "data row 2" in msg and "'text'" in msg and "40 bytes" in msg
+    assert len(read_table(path, max_field_bytes=40)) == 2
+    jpath = write(tmp_path / "n.jsonl", '{"text": "ok"}\n{"text": "' + "é" * 20 + '"}\n')
+    assert "line 2" in error_of(read_table, jpath, max_field_bytes=30)  # 40 bytes, 20 chars
+
+
+def test_field_over_one_megabyte(tmp_path):
+    path = write(tmp_path / "big.csv", "text,label\nsmall,A\n" + "y" * 1_100_000 + ",B\n")
+    msg = error_of(read_table, path)
+    assert "data row 2" in msg and "1100000 bytes" in msg and "1000000" in msg
+
+
+def test_cop_out_of_range(tmp_path):
+    head = "id,question,opa,opb,opc,opd,cop\n"
+    path = write(tmp_path / "q.csv", head + "q1,What?,a,b,c,d,0\nq2,Which?,a,b,c,d,4\n")
+    msg = error_of(load_labeled, path, task="mcqa")
+    assert "row 2" in msg and "'cop'" in msg and "cop_base=1" in msg
+    one_based = load_labeled(write(tmp_path / "q1.csv", head + "q1,What?,a,b,c,d,1\n"
+                                   "q2,Which?,a,b,c,d,4\n"), task="mcqa", cop_base=1)
+    assert one_based["cop"].tolist() == [0, 3] and one_based["label"].tolist() == ["A", "D"]
+    assert "row 2" in error_of(load_labeled, path.with_name("q1.csv"), task="mcqa")
+    gap = write(tmp_path / "q2.csv", head + "q1,,a,b,c,d,0\nq2,Why?,a,b,c,d,1\nq3,How?,a,b,c,d,9\n")
+    assert "row 3" in error_of(load_labeled, gap, task="mcqa", drop_empty=True)
+
+
+def test_all_labels_filtered_by_min_count(tmp_path):
+    path = notes_csv(tmp_path, notes_frame(per_label=4))
+    out = tmp_path / "splits"
+    msg = error_of(split_data, path, out, cfg(min_count=10))
+    assert "all labels filtered out by min_count=10 (largest label has 4 rows)" in msg
+    assert not out.exists()  # a failing split leaves nothing behind
+
+
+def test_unseen_test_labels_warn():
+    with pytest.warns(UserWarning, match="2 label.*'Hip CT', 'Spine MRI'") as record:
+        unseen = check_unseen_labels(["Knee MRI", "Wrist XR"],
+                                     ["Knee MRI", "Spine MRI", "Hip CT"], "test.csv")
+    assert unseen == ["Hip CT", "Spine MRI"] and "test.csv" in str(record[0].message)
+    assert check_unseen_labels(["a"], ["a"], "x") == []
+
+
+# ---------------------------------------------------------------------------------- formats
+
+
+def test_csv_index_column_and_both_naming_styles(tmp_path):
+    styled = write(tmp_path / "a.csv", ',input,radiology_labels\n0,"Note one, with comma",Knee\n'
+                                        "1,Note two,Wrist\n")
+    plain = write(tmp_path / "b.csv", 'text,label\n"Note one, with comma",Knee\nNote two,Wrist\n')
+    assert list(read_table(styled).columns) == ["input", "radiology_labels"]
+    a, b = load_labeled(styled), load_labeled(plain)
+    assert a.equals(b)
+    assert a["id"].tolist() == ["0", "1"] and a["text"][0] == "Note one, with comma"
+    assert detect_columns(read_table(styled), styled) == ("input", "radiology_labels")
+    indexed = write(tmp_path / "c.csv", "index,Text,Label\n3,n1,A\n8,n2,B\n")
+    assert list(read_table(indexed).columns) == ["Text", "Label"]
+    kept = write(tmp_path / "d.csv", "index,text,label\n3,n1,A\n1,n2,B\n")  # not a running index
+    assert "index" in read_table(kept).columns
+
+
+def test_tsv_txt_jsonl_parquet(tmp_path):
+    tsv = write(tmp_path / "n.tsv", "note\tclass\nfirst, with comma\tA\nsecond\tB\n")
+    txt = write(tmp_path / "n.txt", "note|class\nfirst, with comma|A\nsecond|B\n")
+    jsonl = write(tmp_path / "n.jsonl", '{"id": "x1", "note": "first, with comma", "class": "A"}\n'
+                                        '{"id": "x2", "note": "second", "class": "B", "n": 2}\n')
+    parquet = tmp_path / "n.parquet"
+    pd.DataFrame({"note": ["first, with comma", "second"], "class": ["A", "B"],
+                  "n": [1, None]}).to_parquet(parquet)
+    for path in (tsv, txt, jsonl, parquet):
+        df = load_labeled(path)
+        assert df["text"].tolist() == ["first, with comma", "second"], path
+        assert df["label"].tolist() == ["A", "B"], path
+    assert load_labeled(jsonl)["id"].tolist() == ["x1", "x2"]
+    assert read_table(jsonl)["n"].tolist() == ["", "2"]
+    assert read_table(parquet)["n"].tolist() == ["1.0", ""]
+
+
+def test_mcqa_load(tmp_path):
+    path = write(tmp_path / "q.jsonl", json.dumps({"question": "Which bone?", "opa": "tibia",
+                                                   "opb": "ulna", "opc": "femur", "opd": "radius",
+                                                   "cop": 2}) + "\n")
+    df = load_labeled(path, task="mcqa")
+    assert df.loc[0, "label"] == "C" and df.loc[0, "cop"] == 2 and df.loc[0, "exp"] == ""
+    assert df.loc[0, "text"].startswith("Which bone?") and "C. femur" in df.loc[0, "text"]
+
+
+def test_normalize_text():
+    assert normalize_text("  Pain\tin\n the KNEE ") == "pain in the knee"
+
+
+# ------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_counts_and_no_text_without_examples(tmp_path, capsys):
+    df = pd.concat([notes_frame(per_label=5), pd.DataFrame([
+        {"text": "Invented note 0 about the knee of patient 0", "label": "Knee MRI"},  # exact dup
+        {"text": "INVENTED  note 1 about the knee of patient 7", "label": "Wrist XR"},  # conflict
+        {"text": "Secret phrase zebra", "label": "Knee MRl"},  # near-duplicate label
+    ])])
+    path = notes_csv(tmp_path, df)
+    other = notes_csv(tmp_path, notes_frame(per_label=2), "other.csv")
+    summary = inspect_data(path, against=other, tokenizer=lambda texts, **_: {
+        "input_ids": [t.split() for t in texts]})
+    dups = summary["duplicates"]
+    assert dups["exact_duplicate_rows"] == 1 and dups["normalized_duplicate_rows"] == 2
+    assert dups["conflict_groups"] == 1 and dups["conflict_rows"] == 2
+    assert [(p["a"], p["b"]) for p in summary["near_duplicate_labels"]] == [("Knee MRI",
+                                                                           "Knee MRl")]
+    assert summary["leakage"]["shared_texts"] == 6 and summary["text_tokens"]["max"] == 9
+    dumped = json.dumps(summary)
+    assert "zebra" not in dumped and "examples" not in summary
+    render_inspect(summary)
+    printed = capsys.readouterr().out
+    assert "Leakage" in printed and "Knee MRl" in printed and "Invented" not in printed
+    shown = inspect_data(path, show_examples=True)
+    assert "zebra" not in json.dumps(shown)
+    assert shown["examples"]["conflicts"][0]["text"].endswith("patient 7")
+    render_inspect(shown)
+    assert "Invented" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------------- split
+
+
+def read_splits(out: Path) -> dict[str, pd.DataFrame]:
+    return {s: pd.read_csv(out / f"{s}.csv", dtype=str, keep_default_na=False)
+            for s in ("train", "val", "test")}
+
+
+def test_split_stratified_deterministic_leakage_free(tmp_path):
+    df = notes_frame(per_label=40, labels=[*BODY_PARTS, "Hip CT"])
+    df = df[~((df["label"] == "Hip CT") & (df.index % 2 == 0))]  # 20 Hip CT rows
+    path = notes_csv(tmp_path, df)
+    card = split_data(path, tmp_path / "s0", cfg(seed=0))
+    split_data(path, tmp_path / "s0b", cfg(seed=0))
+    split_data(path, tmp_path / "s1", cfg(seed=1))
+    s0, s0b, s1 = (read_splits(tmp_path / d) for d in ("s0", "s0b", "s1"))
+    assert card["split_sizes"] == {"train": 112, "val": 14, "test": 14}
+    for split in ("train", "val", "test"):
+        assert s0[split].equals(s0b[split])
+        counts = s0[split]["label"].value_counts()
+        share = len(s0[split]) / len(df)
+        for label, total in df["label"].value_counts().items():
+            assert abs(counts[label] - total * share) <= 1, (split, label)
+    assert not s0["test"].equals(s1["test"])
+    keys = [set(s0[s]["text"].map(normalize_text)) for s in ("train", "val", "test")]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    labels = json.loads((tmp_path / "s0" / "labels.json").read_text())
+    assert labels["labels"] == sorted([*BODY_PARTS, "Hip CT"]) and labels["counts"]["Hip CT"] == 20
+    assert "| Hip CT |" in (tmp_path / "s0" / "data_card.md").read_text()
+
+
+def test_split_dedups_and_resolves_conflicts(tmp_path):
+    base = notes_frame(per_label=10)
+    extra = pd.DataFrame([
+        {"text": "Invented note 0 about the knee of patient 0", "label": "Knee MRI"},  # exact
+        {"text": " invented NOTE 0 about the  knee of patient 0", "label": "Knee MRI"},  # case/ws
+        {"text": "Swollen elbow after a fall", "label": "Knee MRI"},  # 2 vs 1: majority wins
+        {"text": "swollen elbow after a fall", "label": "Knee MRI"},
+        {"text": "Swollen elbow  after a fall", "label": "Wrist XR"},
+        {"text": "Clicking jaw on waking", "label": "Wrist XR"},  # 1 vs 1: tie, dropped
+        {"text": "clicking jaw on waking", "label": "Ankle CT"},
+        {"text": "", "label": "Ankle CT"},  # empty, dropped and counted
+        {"text": "Rare label note", "label": "Elbow US"},  # under min_count
+    ])
+    path = notes_csv(tmp_path, pd.concat([base, extra]))
+    card = split_data(path, tmp_path / "out", cfg(min_count=2))
+    assert card["rows_read"] == 39 and card["empty_dropped"] == 1
+    assert card["exact_duplicate_rows"] == 1 and card["normalized_duplicate_rows"] == 5
+    c = card["conflicts"]
+    assert (c["groups"], c["resolved_by_majority"], c["dropped_ties"]) == (2, 1, 1)
+    assert c["minority_rows_removed"] == 1 and c["rows_dropped_in_ties"] == 2
+    assert card["labels_filtered"] == {"Elbow US": 1} and card["rows_after_dedup"] == 32
+    rows = pd.concat(read_splits(tmp_path / "out").values())
+    assert len(rows) == 31 and card["leakage_across_splits"] == 0
+    elbow = rows[rows["text"].str.lower() == "swollen elbow after a fall"]
+    assert elbow["label"].tolist() == ["Knee MRI"] and "clicking" not in " ".join(rows["text"])
+    assert rows["text"].str.contains("  ").sum() == 0  # whitespace collapsed
+    md = (tmp_path / "out" / "data_card.md").read_text()
+    assert "2 groups" in md and "1 ties dropped" in md and "Elbow US: 1" in md
+
+
+def test_split_mcqa_keeps_all_letters(tmp_path):
+    rows = [{"id": f"q{i}", "question": f"Invented question {i}?", "opa": "one", "opb": "two",
+             "opc": "three", "opd": "four", "cop": i % 4, "subject_name": "Anatomy"}
+            for i in range(40)]
+    path = tmp_path / "q.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    card = split_data(path, tmp_path / "out", DataConfig(task="mcqa", min_count=50))
+    assert card["labels_kept"] == {"A": 10, "B": 10, "C": 10, "D": 10}
+    assert card["min_count"] is None and card["split_sizes"] == {"train": 32, "val": 4, "test": 4}
+    test = read_splits(tmp_path / "out")["test"]
+    assert sorted(test["label"]) == ["A", "B", "C", "D"]
+    assert list(test.columns[:7]) == ["id", "question", "opa", "opb", "opc", "opd", "cop"]
+
+
+def test_split_refuses_non_empty_dir_and_leaves_it(tmp_path):
+    path = notes_csv(tmp_path, notes_frame())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(MedtuneError, match="not empty"):
+        split_data(path, out, cfg())
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    split_data(path, out, cfg(), overwrite=True)
+    assert sorted(os.listdir(out)) == ["data_card.json", "data_card.md", "labels.json",
+                                       "test.csv", "train.csv", "val.csv"]
+
+
+def test_failing_split_leaves_no_files(tmp_path):
+    bad = write(tmp_path / "bad.csv", "text,label\na,A\nb,B,C\n")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(DataError):
+        split_data(bad, empty_dir, cfg())
+    assert list(empty_dir.iterdir()) == []
+    with pytest.raises(DataError):
+        split_data(bad, tmp_path / "new", cfg())
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "empty"]
+
+
+def test_split_scrubs_phi_before_dedup(tmp_path):
+    df = pd.concat([notes_frame(per_label=10), pd.DataFrame([
+        {"text": "Knee pain, write to ann.lee@example.org", "label": "Knee MRI"},
+        {"text": "Knee pain, write to bo.kim@example.net", "label": "Knee MRI"},
+    ])])
+    card = split_data(notes_csv(tmp_path, df), tmp_path / "out", cfg(scrub_phi=True))
+    assert card["phi_scrubbed"] and card["rows_changed_by_phi_scrub"] == 2
+    assert card["normalized_duplicate_rows"] == 1  # identical once the addresses are replaced
+    written = "".join((tmp_path / "out" / f"{s}.csv").read_text() for s in ("train", "val", "test"))
+    assert "example.org" not in written and "example.net" not in written

@@ -1,0 +1,224 @@
+"""medtune.phi: every Safe Harbor identifier type is scrubbed, clinical content survives."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from medtune import phi
+from medtune.errors import MedtuneError
+from medtune.phi import PLACEHOLDERS, find_phi, scrub_file, scrub_text
+from medtune.phi_synth import PATTERN_TYPES, evaluate_scrubber, synth_phi
+
+# (text, identifier that must disappear, placeholder that must appear)
+IDENTIFIERS = [
+    ("Seen by Dr. Alice Wong today.", "Alice Wong", "[NAME]"),
+    ("Mrs. O'Neil-Barker called back.", "O'Neil-Barker", "[NAME]"),
+    ("referred by Tobias Lindqvist for CT.", "Tobias Lindqvist", "[NAME]"),
+    ("Patient: Haddad, Ingrid. CT A/P.", "Haddad, Ingrid", "[NAME]"),
+    ("John Smith presented with flank pain.", "John Smith", "[NAME]"),
+    ("Read by Marisol Varga, MD.", "Marisol Varga", "[NAME]"),
+    ("Name: SMITH, JOHN", "SMITH, JOHN", "[NAME]"),
+    ("DOB 01/02/1950, CT today.", "01/02/1950", "[DATE]"),
+    ("Prior CT 2023-01-02 was normal.", "2023-01-02", "[DATE]"),
+    ("Admitted Jan 2, 2023 for PE.", "Jan 2, 2023", "[DATE]"),
+    ("Surgery on 2 January 2023.", "2 January 2023", "[DATE]"),
+    ("MVA 3/4, neck pain since.", "3/4", "[DATE]"),
+    ("s/p TKA 6/17, now fever.", "6/17", "[DATE]"),
+    ("Last CT in March 2021.", "March 2021", "[DATE]"),
+    ("Fall on 25-Aug-2021.", "25-Aug-2021", "[DATE]"),
+    ("92 yo F with hip pain.", "92", "[AGE]"),
+    ("Age 95, fell at home.", "95", "[AGE]"),
+    ("A 95-year-old man.", "95", "[AGE]"),
+    ("97F presents with SOB.", "97", "[AGE]"),
+    ("Call (555) 234-5678 with results.", "234-5678", "[PHONE]"),
+    ("cell 555.234.5678", "555.234.5678", "[PHONE]"),
+    ("Fax: 555-234-9999", "555-234-9999", "[FAX]"),
+    ("email j.okafor@example.org please", "j.okafor@example.org", "[EMAIL]"),
+    ("SSN 123-45-6789 on file", "123-45-6789", "[SSN]"),
+    ("MRN: 1234567", "1234567", "[MRN]"),
+    ("acct # 55-1234-98", "55-1234-98", "[MRN]"),
+    ("record no. A998877", "A998877", "[MRN]"),
+    ("member ID XJH123456789", "XJH123456789", "[ID]"),
+    ("DEA BX1234567 on the script", "BX1234567", "[ID]"),
+    ("see https://portal.example.org/records/12 now", "portal.example.org", "[URL]"),
+    ("www.clinic-example.net", "clinic-example", "[URL]"),
+    ("from host 10.0.0.12 at night", "10.0.0.12", "[IP]"),
+    ("logged from 2001:db8::8a2e:370", "2001:db8::8a2e:370", "[IP]"),
+    ("lives at 42 Oak Street, Apt 4B, Springfield, IL 62704", "Oak Street", "[ADDRESS]"),
+    ("lives at 42 Oak Street, Springfield, IL 62704", "Springfield", "[ADDRESS]"),
+    ("Springfield, IL 62704", "62704", "[ZIP]"),
+    ("mailing address PO Box 1234", "Box 1234", "[ADDRESS]"),
+    ("zip 60611-1234", "60611", "[ZIP]"),
+]
+
+CLINICAL = [
+    "MRI L-spine: L4-L5 disc herniation, T2 weighted hyperintensity.",
+    "CT A/P with contrast, 100 mL IV.", "Metoprolol 5 mg IV.", "70 yo M with CAD.",
+    "89 yo F, lives alone.", "BP 120/80, HR 95, SpO2 92%.", "5/10 pain, now 3/10.",
+    "Motor strength 4/5 in LLE.", "3/6 systolic murmur.", "Visual acuity 20/20.",
+    "Hx of C5-C6 ACDF in 2015.", "Plt 250,000; Hgb 12.5.", "GCS 15/15.", "Take 1/2 tab q6h.",
+    "paraplegia 2/2 MVA.", "Titrate 10-20-40 mg.", "Positive Murphy sign.", "Temp 95 F.",
+    "Hodgkin lymphoma, Crohn disease.", "Glucose 126 mg/dL.", "CA 19-9 elevated, NIHSS 14.",
+    "Apgar 8/9.", "EF 55-60%.", "ICD-10 M54.5.", "Spoke with the patient at bedside.",
+    "per Interventional Radiology", "Afib, MS, DM", "Blood cultures 2/2 sets positive.",
+]
+
+
+@pytest.mark.parametrize(("text", "secret", "placeholder"), IDENTIFIERS)
+def test_each_identifier_type_is_scrubbed(text, secret, placeholder):
+    out = scrub_text(text)
+    assert secret not in out
+    assert placeholder in out
+
+
+def test_every_placeholder_type_is_exercised():
+    produced = {p for _, _, p in IDENTIFIERS}
+    assert produced == set(PLACEHOLDERS)
+
+
+@pytest.mark.parametrize("text", CLINICAL)
+def test_clinical_content_survives(text):
+    assert scrub_text(text) == text
+    assert find_phi(text) == []
+
+
+def test_ages_at_most_89_and_bare_years_stay():
+    assert scrub_text("89 yo M, in 2019, aged 67") == "89 yo M, in 2019, aged 67"
+    assert scrub_text("90 yo M") == "[AGE] yo M"
+
+
+def test_spans_are_sorted_typed_and_disjoint():
+    text = ("Pt John Smith, 92 yo M, MRN: 1234567, seen by Dr. Wong on 01/02/2023; call "
+            "555-234-5678, fax 555-234-9999, jsmith@example.org, BP 120/80.")
+    spans = find_phi(text)
+    assert [s for s, _, _ in spans] == sorted(s for s, _, _ in spans)
+    assert all(e1 <= s2 for (_, e1, _), (s2, _, _) in itertools.pairwise(spans))
+    assert {k for _, _, k in spans} == {"NAME", "AGE", "MRN", "DATE", "PHONE", "FAX", "EMAIL"}
+    assert all(f"[{k}]" in PLACEHOLDERS for _, _, k in spans)
+    assert "BP 120/80" in scrub_text(text)
+
+
+def test_scrubbing_is_idempotent():
+    texts = [t for t, _ in synth_phi(400, seed=7)] + [t for t, _, _ in IDENTIFIERS] + CLINICAL
+    for text in texts:
+        once = scrub_text(text)
+        assert scrub_text(once) == once
+
+
+def test_synth_phi_gold_spans_are_valid_and_deterministic():
+    data = synth_phi(300, seed=3)
+    assert data == synth_phi(300, seed=3)
+    assert data != synth_phi(300, seed=4)
+    kinds = set()
+    for text, spans in data:
+        for start, end, kind in spans:
+            assert 0 <= start < end <= len(text) and text[start:end].strip() == text[start:end]
+            kinds.add(kind)
+    assert kinds == {p[1:-1] for p in PLACEHOLDERS}
+
+
+def test_evaluate_scrubber_recall_on_pattern_types():
+    report = evaluate_scrubber(n=2000, seed=0)
+    for kind in PATTERN_TYPES:
+        assert report["support"][kind] >= 100, kind
+        assert report["recall"][kind] >= 0.98, (kind, report["recall"][kind])
+    assert report["recall_pattern_types"] >= 0.98
+    assert report["precision_overall"] >= 0.95
+    assert report["recall_names"] is not None and 0.5 < report["recall_names"] <= 1.0
+
+
+SECRETS = ["Alice Wong", "555-234-5678", "123-45-6789", "jsmith@example.org", "01/02/1950"]
+
+
+def _table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "text": ["Seen by Dr. Alice Wong, call 555-234-5678.", "SSN 123-45-6789, BP 120/80.",
+                 "email jsmith@example.org; DOB 01/02/1950", "L4-L5 disc, 70 yo M."],
+        "label": ["L-Spine", "CT Urography", "Pulmonary Embolus", "L-Spine"],
+    })
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
+def test_scrub_file_writes_scrubbed_table_and_counts_only(tmp_path, capsys, ext):
+    src = tmp_path / f"notes.{ext}"
+    df = _table()
+    {"csv": lambda p: df.to_csv(p, index=False),
+     "jsonl": lambda p: df.to_json(p, orient="records", lines=True),
+     "parquet": lambda p: df.to_parquet(p, index=False)}[ext](src)
+    out = tmp_path / f"clean.{ext}"
+    counts = scrub_file(src, out)
+    reader = {"csv": pd.read_csv, "parquet": pd.read_parquet,
+              "jsonl": lambda p: pd.read_json(p, lines=True)}[ext]
+    back = reader(out)
+    assert list(back["label"]) == list(df["label"])
+    assert back["text"].iloc[3] == "L4-L5 disc, 70 yo M."
+    assert "BP 120/80" in back["text"].iloc[1]
+    blob = out.read_text(errors="ignore") if ext != "parquet" else " ".join(back["text"])
+    dumped = json.dumps(counts)
+    captured = capsys.readouterr()
+    for secret in SECRETS:
+        assert secret not in blob
+        assert secret not in dumped and secret not in captured.out + captured.err
+    assert counts["rows"] == 4 and counts["rows_changed"] == 3
+    assert counts["spans"] == {"NAME": 1, "DATE": 1, "PHONE": 1, "EMAIL": 1, "SSN": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_scrub_file_without_label_column(tmp_path):
+    src = tmp_path / "notes.csv"
+    pd.DataFrame({"note": ["Dr. Alice Wong on 01/02/2023", "no phi here at all"]}).to_csv(
+        src, index=False)
+    counts = scrub_file(src, tmp_path / "out.csv")
+    back = pd.read_csv(tmp_path / "out.csv")
+    assert counts["column"] == "note"
+    assert back["note"].iloc[0] == "Dr. [NAME] on [DATE]"
+
+
+def test_scrub_file_refuses_overwrite_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    src = tmp_path / "notes.csv"
+    _table().to_csv(src, index=False)
+    out = tmp_path / "clean.csv"
+    out.write_text("keep me")
+    with pytest.raises(MedtuneError, match="exists"):
+        scrub_file(src, out)
+    assert out.read_text() == "keep me"
+
+    from medtune import synth
+
+    def broken_writer(df, tmp, suffix):
+        tmp.write_text("half a table")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synth, "write_table_by_extension", broken_writer)
+    fresh = tmp_path / "fresh.csv"
+    with pytest.raises(OSError):
+        scrub_file(src, fresh)
+    assert not fresh.exists()
+    with pytest.raises(OSError):
+        scrub_file(src, out, overwrite=True)
+    assert out.read_text() == "keep me"  # the old file stays whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.csv", "notes.csv"]
+
+
+def test_scrub_file_rejects_same_path_and_bad_extension(tmp_path):
+    src = tmp_path / "notes.csv"
+    _table().to_csv(src, index=False)
+    with pytest.raises(MedtuneError):
+        scrub_file(src, src, overwrite=True)
+    with pytest.raises(MedtuneError, match="extension"):
+        scrub_file(src, tmp_path / "out.xlsx")
+    assert [p[1:-1] for p in PLACEHOLDERS] == phi.TYPES
+
+
+@pytest.mark.parametrize("unit", ["1.", "a.b@", "MRN A1-", "1-", "1/", "ab:", "Dr. Aa Bb "])
+def test_long_adversarial_fields_stay_linear(unit):
+    # each of these once took minutes on 30 k characters (backtracking in an unbounded pattern)
+    text = unit * (60_000 // len(unit))
+    t0 = time.perf_counter()
+    find_phi(text)
+    assert time.perf_counter() - t0 < 10

@@ -1,0 +1,305 @@
+"""HTTP service: predictions, readiness, auth, limits (413/422/429/503), micro-batching, logs
+without note text, and schema-driven fuzzing with zero 5xx responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+
+import pytest
+
+from conftest import TINY_LABELS, TINY_NOTES
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from medtune.errors import MedtuneError
+from medtune.predict import Predictor
+from medtune.serve import create_app, serving_in_thread
+from medtune.tasks import Template
+
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SECRET = "Zyxwv Qwerty MRN 99887766 crushing chest pain"
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tmp_path_factory, tiny_base):
+    d = tmp_path_factory.mktemp("merged") / "model"
+    shutil.copytree(tiny_base, d)
+    (d / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "protocol"}))
+    (d / "labels.json").write_text(json.dumps({"task": "protocol", "labels": TINY_LABELS}))
+    Template(task="protocol", kind="plain", labels=TINY_LABELS).save(d)
+    return d
+
+
+def _wait_ready(client: TestClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "model never became ready"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def client(merged_dir):
+    app = create_app(str(merged_dir), api_key=KEY, max_note_chars=300, max_batch=8,
+                     max_body_bytes=50_000)
+    with TestClient(app) as c:
+        _wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(merged_dir):
+    return Predictor.from_path(str(merged_dir))
+
+
+class FakePredictor:
+    """Echoes each note's length as its label; optionally blocks until ``gate`` is set."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.labels = ["A", "B"]
+        self.gate = gate
+        self.calls: list[int] = []
+        self.entered = threading.Event()
+
+    def predict_texts(self, texts):
+        self.calls.append(len(texts))
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(20)
+        return [{"prediction": f"n{len(t)}", "confidence": 0.75, "abstained": False,
+                 "top_k": [[f"n{len(t)}", 0.75], ["B", float("nan")]]} for t in texts]
+
+
+def test_health_ready_and_page_need_no_key(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": "model"}
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    html = page.text
+    assert 'maxlength="300"' in html and "{{" not in html
+    for external in ("http://", "https://", "src=", "<link", "@import"):
+        assert external not in html  # self-contained: no external assets
+
+
+@pytest.mark.parametrize("method,path", [("get", "/v1/labels"), ("post", "/v1/predict"),
+                                         ("get", "/openapi.json"), ("get", "/docs")])
+def test_routes_need_the_bearer_key(client, method, path):
+    body = {"json": {"note": "x"}} if method == "post" else {}
+    response = getattr(client, method)(path, **body)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    wrong = getattr(client, method)(path, headers={"Authorization": "Bearer nope"}, **body)
+    assert wrong.status_code == 401
+    assert getattr(client, method)(path, headers=AUTH, **body).status_code == 200
+
+
+def test_labels_and_openapi(client):
+    assert client.get("/v1/labels", headers=AUTH).json() == {"labels": TINY_LABELS,
+                                                             "model": "model"}
+    schema = client.get("/openapi.json", headers=AUTH).json()
+    request = schema["components"]["schemas"]["PredictRequest"]["properties"]
+    assert request["notes"]["anyOf"][0]["maxItems"] == 8
+    assert "/v1/predict" in schema["paths"]
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_predict_one_and_many_match_the_predictor(client, reference):
+    notes = TINY_NOTES[:3]
+    expected = reference.predict_texts(notes)
+    one = client.post("/v1/predict", json={"note": notes[0]}, headers=AUTH)
+    assert one.status_code == 200
+    body = one.json()
+    assert body["model"] == "model" and body["latency_ms"] >= 0
+    (pred,) = body["predictions"]
+    assert pred["label"] == expected[0]["prediction"] and pred["label"] in TINY_LABELS
+    assert pred["confidence"] == pytest.approx(expected[0]["confidence"], abs=1e-5)
+    assert pred["top_k"][0] == {"label": pred["label"], "probability": pred["confidence"]}
+    assert len(pred["top_k"]) == 3 and pred["abstained"] is False
+
+    many = client.post("/v1/predict", json={"notes": notes}, headers=AUTH).json()
+    assert [p["label"] for p in many["predictions"]] == [r["prediction"] for r in expected]
+
+
+def test_min_confidence_per_request(client):
+    body = {"notes": [TINY_NOTES[0], "   "], "min_confidence": 1.0}
+    preds = client.post("/v1/predict", json=body, headers=AUTH).json()["predictions"]
+    assert [p["abstained"] for p in preds] == [True, True]
+    body["min_confidence"] = 0.0
+    preds = client.post("/v1/predict", json=body, headers=AUTH).json()["predictions"]
+    assert [p["abstained"] for p in preds] == [False, True]  # a blank note always abstains
+
+
+def test_odd_unicode_is_handled(client):
+    odd = {"notes": ["nul \u0000 byte", "\U0001F600" * 50, "\u202e rtl", "tab\tand\r\n"]}
+    response = client.post("/v1/predict", json=odd, headers=AUTH)
+    assert response.status_code == 200
+    assert all(p["label"] in TINY_LABELS for p in response.json()["predictions"])
+    # a lone surrogate is a valid JSON escape but not Unicode: a clear 422, not a crash
+    body = json.dumps({"note": "\ud800 lone surrogate"})
+    assert "\\ud800" in body
+    bad = client.post("/v1/predict", content=body,
+                      headers={**AUTH, "Content-Type": "application/json"})
+    assert bad.status_code == 422 and "unicode" in bad.json()["message"]
+
+
+def test_body_limit_413(client):
+    big = json.dumps({"note": "x" * 60_000})
+    response = client.post("/v1/predict", content=big, headers={**AUTH, "Content-Type":
+                                                                "application/json"})
+    assert response.status_code == 413 and "50000 bytes" in response.json()["detail"]
+    chunked = client.post("/v1/predict", content=iter([big[:30_000].encode(),
+                                                       big[30_000:].encode()]),
+                          headers={**AUTH, "Content-Type": "application/json"})
+    assert chunked.status_code == 413  # no Content-Length: counted while reading
+
+
+def test_too_long_note_and_batch_422_without_echo(client):
+    long_note = SECRET + " x" * 200
+    response = client.post("/v1/predict", json={"notes": ["ok", long_note]}, headers=AUTH)
+    assert response.status_code == 422
+    assert response.json()["message"] == "notes[1]: String should have at most 300 characters"
+    assert SECRET not in response.text  # the note is not echoed back
+    batch = client.post("/v1/predict", json={"notes": ["a"] * 9}, headers=AUTH)
+    assert batch.status_code == 422 and "at most 8 items" in batch.json()["message"]
+    both = client.post("/v1/predict", json={"note": "a", "notes": ["b"]}, headers=AUTH)
+    assert both.status_code == 422 and "exactly one" in both.json()["message"]
+    typo = client.post("/v1/predict", json={"text": "a"}, headers=AUTH)
+    assert typo.status_code == 422
+
+
+def test_access_log_has_no_note_text(client, caplog):
+    with caplog.at_level(logging.INFO, logger="medtune.serve"):
+        assert client.post("/v1/predict", json={"note": SECRET}, headers=AUTH).status_code == 200
+        client.post("/v1/predict", json={"note": SECRET * 20}, headers=AUTH)  # 422
+        client.get(f"/v1/{SECRET}", headers=AUTH)  # 404: unknown paths are not logged
+    lines = [r.getMessage() for r in caplog.records if r.name == "medtune.serve"]
+    assert any(line.startswith("POST /v1/predict 200 ") for line in lines)
+    assert any(line.startswith("GET <other> 404 ") for line in lines)
+    assert not any("Zyxwv" in r.getMessage() or "Zyxwv" in str(r.args) for r in caplog.records)
+
+
+def test_concurrency_limit_429():
+    gate = threading.Event()
+    fake = FakePredictor(gate)
+    app = create_app(lambda: fake, max_concurrency=1)
+    with TestClient(app) as c:
+        _wait_ready(c)
+        first: dict = {}
+        worker = threading.Thread(target=lambda: first.update(
+            r=c.post("/v1/predict", json={"note": "abc"})))
+        worker.start()
+        assert fake.entered.wait(20)
+        busy = c.post("/v1/predict", json={"note": "abcd"})
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        gate.set()
+        worker.join(20)
+        assert first["r"].status_code == 200
+        assert first["r"].json()["predictions"][0]["label"] == "n3"
+        # NaN probabilities become null, never invalid JSON
+        assert first["r"].json()["predictions"][0]["top_k"][1]["probability"] is None
+        assert c.post("/v1/predict", json={"note": "abcd"}).status_code == 200
+
+
+def test_micro_batching_groups_concurrent_requests():
+    gate = threading.Event()
+    fake = FakePredictor(gate)
+    app = create_app(lambda: fake, max_batch_size=4, batch_window_ms=20, max_concurrency=16)
+    results: dict[int, dict] = {}
+    with TestClient(app) as c:
+        _wait_ready(c)
+
+        def post(n: int) -> None:
+            results[n] = c.post("/v1/predict", json={"note": "x" * n}).json()
+
+        threads = [threading.Thread(target=post, args=(1,))]
+        threads[0].start()
+        assert fake.entered.wait(20)  # the first batch is running; the rest must queue
+        threads += [threading.Thread(target=post, args=(n,)) for n in range(2, 9)]
+        for t in threads[1:]:
+            t.start()
+        queue = app.state.medtune["batcher"].queue
+        deadline = time.monotonic() + 20
+        while queue.qsize() < 7:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(20)
+    assert fake.calls == [1, 4, 3]  # 7 waiting notes: one batch of max_batch_size, then 3
+    assert {n: r["predictions"][0]["label"] for n, r in results.items()} \
+        == {n: f"n{n}" for n in range(1, 9)}
+
+
+def test_not_ready_503_then_ready_and_load_failure():
+    gate = threading.Event()
+
+    def slow():
+        assert gate.wait(20)
+        return FakePredictor()
+
+    with TestClient(create_app(slow)) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
+        busy = c.post("/v1/predict", json={"note": "a"})
+        assert busy.status_code == 503 and busy.json()["detail"] == "model is loading"
+        assert c.get("/healthz").status_code == 200
+        gate.set()
+        _wait_ready(c)
+        assert c.post("/v1/predict", json={"note": "a"}).status_code == 200
+
+    def broken():
+        raise MedtuneError("/nowhere: model directory not found")
+
+    with TestClient(create_app(broken)) as c:
+        deadline = time.monotonic() + 20
+        while "failed" not in c.get("/readyz").json()["detail"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "model directory not found" in c.get("/v1/labels").json()["detail"]
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("MEDTUNE_API_KEY", "from-env")
+    with TestClient(create_app(lambda: FakePredictor())) as c:
+        _wait_ready(c)
+        assert c.get("/v1/labels").status_code == 401
+        ok = c.get("/v1/labels", headers={"Authorization": "Bearer from-env"})
+        assert ok.json()["labels"] == ["A", "B"]
+
+
+def test_fuzz_predict_against_openapi_schema_no_5xx(merged_dir):
+    """Schemathesis generates valid and invalid bodies for POST /v1/predict from the OpenAPI
+    schema; a live server with the tiny model must never answer 5xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    app = create_app(str(merged_dir), api_key=KEY, max_note_chars=400, max_batch=6,
+                     max_concurrency=64)
+    schema = schemathesis.openapi.from_dict(app.openapi())
+    operation = schema["/v1/predict"]["POST"]
+    cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
+                      operation.as_strategy(GenerationMode.NEGATIVE))
+    statuses: list[int] = []
+    with serving_in_thread(app) as url:
+
+        @settings(max_examples=100, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=cases)
+        def check(case):
+            response = case.call(base_url=url, headers=AUTH, timeout=30)
+            statuses.append(response.status_code)
+            assert response.status_code < 500, (response.status_code, response.text[:300])
+
+        check()
+    assert len(statuses) >= 50
+    assert 200 in statuses and 422 in statuses  # both valid and invalid bodies were sent
