@@ -21,10 +21,10 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python scripts/demo.py --output $(DEMO)
+	$(BIN)/medtune demo --output $(DEMO)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q --timeout=900

@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import torch  # noqa: E402
+
+# Tiny models on a shared 2-core box: one thread avoids oversubscription (~50x faster steps).
+torch.set_num_threads(1)
+
 TINY_LABELS = ["CT Head", "MRI Brain", "CT Urography", "L-Spine"]
 
 TINY_NOTES = [

@@ -13,8 +13,12 @@ import typer
 
 from medtune.errors import MedtuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune causal LMs into medical classifiers with QLoRA.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune causal LMs into medical classifiers with QLoRA.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, split, scrub and synthesize data.")
 base_app = typer.Typer(no_args_is_help=True, help="The embedded tiny base model.")
 config_app = typer.Typer(no_args_is_help=True, help="Show resolved configuration.")
@@ -36,9 +40,11 @@ def _print_json(obj: object) -> None:
 
 # ----------------------------------------------------------------------------- config
 @config_app.command("show")
-def config_show(file: Annotated[Path | None, typer.Argument(help="YAML config.")] = None,
-                overrides: Overrides = None,
-                fields: Annotated[bool, typer.Option("--fields", help="List every key with its help.")] = False) -> None:
+def config_show(
+    file: Annotated[Path | None, typer.Argument(help="YAML config.")] = None,
+    overrides: Overrides = None,
+    fields: Annotated[bool, typer.Option("--fields", help="List every key with its help.")] = False,
+) -> None:
     """Print the resolved configuration (defaults <- FILE <- overrides)."""
     import yaml
 
@@ -54,11 +60,16 @@ def config_show(file: Annotated[Path | None, typer.Argument(help="YAML config.")
 
 # ----------------------------------------------------------------------------- data
 @data_app.command("inspect")
-def data_inspect(file: Path, against: Annotated[Path | None, typer.Option(help="Check leakage against this file.")] = None,
-                 task: Task = "protocol", text_column: TextCol = None, label_column: LabelCol = None,
-                 tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir for token lengths.")] = None,
-                 show_examples: Annotated[bool, typer.Option("--show-examples", help="Print example notes (may hold PHI).")] = False,
-                 as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
+def data_inspect(
+    file: Path,
+    against: Annotated[Path | None, typer.Option(help="Check leakage against this file.")] = None,
+    task: Task = "protocol",
+    text_column: TextCol = None,
+    label_column: LabelCol = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir for token lengths.")] = None,
+    show_examples: Annotated[bool, typer.Option("--show-examples", help="Print example notes (may hold PHI).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
     """Label counts, lengths, duplicates, near-duplicate labels and leakage (counts only)."""
     from medtune.data import inspect_data, render_inspect
 
@@ -67,27 +78,44 @@ def data_inspect(file: Path, against: Annotated[Path | None, typer.Option(help="
         from medtune.model import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
-    summary = inspect_data(file, against=against, task=task, text_column=text_column,
-                           label_column=label_column, tokenizer=tok, show_examples=show_examples)
+    summary = inspect_data(
+        file,
+        against=against,
+        task=task,
+        text_column=text_column,
+        label_column=label_column,
+        tokenizer=tok,
+        show_examples=show_examples,
+    )
     _print_json(summary) if as_json else render_inspect(summary)
 
 
 @data_app.command("split")
-def data_split(file: Path, output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
-               config: ConfigOpt = None, overrides: Overrides = None, task: Task = "protocol",
-               text_column: TextCol = None, label_column: LabelCol = None,
-               min_count: Annotated[int | None, typer.Option(help="Drop labels rarer than this (default 50).")] = None,
-               seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
-               cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
-               overwrite: Overwrite = False) -> None:
+def data_split(
+    file: Path,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    task: Task = "protocol",
+    text_column: TextCol = None,
+    label_column: LabelCol = None,
+    min_count: Annotated[int | None, typer.Option(help="Drop labels rarer than this (default 50).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
+    cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
+    overwrite: Overwrite = False,
+) -> None:
     """Clean, dedup, filter rare labels and split into train/val/test (leakage-free)."""
     from medtune.config import load_config
     from medtune.data import split_data
 
     cfg = load_config(config, overrides)
     cfg.data.task = task if task != "protocol" else cfg.data.task
-    for key, value in (("text_column", text_column), ("label_column", label_column),
-                       ("min_count", min_count), ("seed", seed)):
+    for key, value in (
+        ("text_column", text_column),
+        ("label_column", label_column),
+        ("min_count", min_count),
+        ("seed", seed),
+    ):
         if value is not None:
             setattr(cfg.data, key, value)
     card = split_data(file, output, cfg.data, overwrite=overwrite, cop_base=cop_base)
@@ -96,22 +124,29 @@ def data_split(file: Path, output: Annotated[Path, typer.Option("--output", "-o"
 
 
 @data_app.command("synth")
-def data_synth(task: Task = "protocol", n: Annotated[int, typer.Option(help="Rows.")] = 2000,
-               output: Annotated[Path, typer.Option("--output", "-o", help="CSV/JSONL/Parquet file.")] = Path("synth.csv"),
-               seed: int = 0, imbalance: Annotated[float, typer.Option(help="Zipf exponent of class sizes.")] = 1.0,
-               label_noise: Annotated[float, typer.Option(help="Fraction of flipped labels.")] = 0.0,
-               overwrite: Overwrite = False) -> None:
+def data_synth(
+    task: Task = "protocol",
+    n: Annotated[int, typer.Option(help="Rows.")] = 2000,
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV/JSONL/Parquet file.")] = Path("synth.csv"),
+    seed: int = 0,
+    imbalance: Annotated[float, typer.Option(help="Zipf exponent of class sizes.")] = 1.0,
+    label_noise: Annotated[float, typer.Option(help="Fraction of flipped labels.")] = 0.0,
+    overwrite: Overwrite = False,
+) -> None:
     """Generate synthetic protocol notes or MedMCQA-style questions (deterministic per seed)."""
     from medtune.synth import write_synth
 
-    path = write_synth(task, n, output, seed=seed, imbalance=imbalance, label_noise=label_noise,
-                       overwrite=overwrite)
+    path = write_synth(task, n, output, seed=seed, imbalance=imbalance, label_noise=label_noise, overwrite=overwrite)
     print(f"wrote {n} {task} rows to {path}")
 
 
 @data_app.command("scrub")
-def data_scrub(file: Path, output: Annotated[Path, typer.Option("--output", "-o")],
-               text_column: TextCol = None, overwrite: Overwrite = False) -> None:
+def data_scrub(
+    file: Path,
+    output: Annotated[Path, typer.Option("--output", "-o")],
+    text_column: TextCol = None,
+    overwrite: Overwrite = False,
+) -> None:
     """Replace PHI (names, dates, phone, MRN, ...) with typed placeholders like [DATE]."""
     from medtune.phi import scrub_file
 
@@ -121,10 +156,13 @@ def data_scrub(file: Path, output: Annotated[Path, typer.Option("--output", "-o"
 
 # ----------------------------------------------------------------------------- base / train / merge
 @base_app.command("build")
-def base_build(data: Annotated[Path, typer.Option(help="Notes to train tokenizer and model on.")],
-               output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory (default: cache).")] = None,
-               text_column: TextCol = None, steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 300,
-               seed: int = 0) -> None:
+def base_build(
+    data: Annotated[Path, typer.Option(help="Notes to train tokenizer and model on.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory (default: cache).")] = None,
+    text_column: TextCol = None,
+    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 300,
+    seed: int = 0,
+) -> None:
     """Build the embedded tiny base (BPE tokenizer + small Llama, pretrained on the notes)."""
     from medtune.base import BaseSpec, build_base
     from medtune.data import load_labeled
@@ -135,14 +173,17 @@ def base_build(data: Annotated[Path, typer.Option(help="Notes to train tokenizer
 
 
 @app.command("train")
-def train_cmd(data: Annotated[Path, typer.Option(help="Training file (CSV/JSONL/Parquet).")],
-              output: Annotated[Path, typer.Option("--output", "-o", help="Run directory.")],
-              val: Annotated[Path | None, typer.Option(help="Validation file (default: hold out data.val_fraction).")] = None,
-              base: Annotated[str | None, typer.Option(help="'embedded', HF model dir, or hub id.")] = None,
-              config: ConfigOpt = None, overrides: Overrides = None,
-              resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
-              track: Annotated[bool, typer.Option("--track", help="Log to MLflow.")] = False,
-              overwrite: Overwrite = False) -> None:
+def train_cmd(
+    data: Annotated[Path, typer.Option(help="Training file (CSV/JSONL/Parquet).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory.")],
+    val: Annotated[Path | None, typer.Option(help="Validation file (default: hold out data.val_fraction).")] = None,
+    base: Annotated[str | None, typer.Option(help="'embedded', HF model dir, or hub id.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    track: Annotated[bool, typer.Option("--track", help="Log to MLflow.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
     """QLoRA (or LoRA / full) fine-tuning with answer-only loss, checkpoints and resume."""
     from medtune.config import load_config
     from medtune.train import train
@@ -155,8 +196,9 @@ def train_cmd(data: Annotated[Path, typer.Option(help="Training file (CSV/JSONL/
         from medtune.registry import mlflow_callback
 
         callbacks.append(mlflow_callback(cfg, output))
-    run = train(cfg, str(data), output, val=str(val) if val else None, resume=resume,
-                overwrite=overwrite, callbacks=callbacks)
+    run = train(
+        cfg, str(data), output, val=str(val) if val else None, resume=resume, overwrite=overwrite, callbacks=callbacks
+    )
     for cb in callbacks:
         if hasattr(cb, "finish"):
             cb.finish(run)
@@ -168,13 +210,163 @@ def train_cmd(data: Annotated[Path, typer.Option(help="Training file (CSV/JSONL/
 
 
 @app.command("merge")
-def merge_cmd(run_dir: Path, output: Annotated[Path, typer.Option("--output", "-o")],
-              dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-              overwrite: Overwrite = False) -> None:
+def merge_cmd(
+    run_dir: Path,
+    output: Annotated[Path, typer.Option("--output", "-o")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    overwrite: Overwrite = False,
+) -> None:
     """Merge a LoRA adapter into an unquantized base and verify the logits match."""
     from medtune.merge import merge
 
     _print_json(merge(run_dir, output, dtype=dtype, overwrite=overwrite))
+
+
+# ----------------------------------------------------------------------------- predict / evaluate
+def _local_model(model: str) -> str:
+    """models:/NAME@alias (MLflow registry) -> a local directory; paths pass through."""
+    if model.startswith("models:/"):
+        from medtune.registry import resolve_model_uri
+
+        return resolve_model_uri(model)
+    return model
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[str, typer.Option(help="Run dir, merged model dir, base dir (+--labels) or models:/NAME@alias.")],
+    data: Annotated[Path, typer.Option(help="Input file (CSV/TSV/JSONL/Parquet).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Predictions file (.csv or .parquet).")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    labels: Annotated[Path | None, typer.Option(help="labels.json for a plain base (zero-shot).")] = None,
+    task: Task = "protocol",
+    text_column: TextCol = None,
+    label_column: LabelCol = None,
+    mode: Annotated[str | None, typer.Option(help="constrained (default) or generate.")] = None,
+    min_confidence: Annotated[float | None, typer.Option(help="Abstain below this probability.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Notes per batch (0 = automatic).")] = None,
+    snap: Annotated[bool, typer.Option("--snap", help="Generate mode: map outputs to the nearest label.")] = False,
+    keep_text: Annotated[bool, typer.Option("--keep-text", help="Copy note text into the output.")] = False,
+    engine: Annotated[str, typer.Option(help="local or spark.")] = "local",
+    cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Label-constrained prediction with confidence and abstention (or free generation)."""
+    from medtune.config import load_config
+    from medtune.predict import predict_file
+
+    cfg = load_config(config, overrides)
+    for key, value in (("mode", mode), ("min_confidence", min_confidence), ("batch_size", batch_size)):
+        if value is not None:
+            setattr(cfg.predict, key, value)
+    summary = predict_file(
+        _local_model(model),
+        str(data),
+        str(output),
+        cfg.predict,
+        labels=str(labels) if labels else None,
+        task=task,
+        text_column=text_column,
+        label_column=label_column,
+        keep_text=keep_text,
+        engine=engine,
+        overwrite=overwrite,
+        snap=snap,
+        cop_base=cop_base,
+        model_cfg=cfg.model,
+    )
+    _print_json(summary)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[str, typer.Option(help="Run dir, merged dir, or models:/NAME@alias.")],
+    data: Annotated[Path, typer.Option(help="Labelled test file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report directory.")],
+    baseline: Annotated[
+        list[str] | None, typer.Option(help="Base model dir (zero-shot) and/or 'tfidf'; repeatable.")
+    ] = None,
+    train_data: Annotated[Path | None, typer.Option(help="Training file for --baseline tfidf.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="labels.json (plain base models).")] = None,
+    task: Annotated[str | None, typer.Option(help="protocol or mcqa (default: from the model).")] = None,
+    mode: Annotated[str, typer.Option(help="constrained or generate.")] = "constrained",
+    min_confidence: Annotated[float, typer.Option(help="Abstention threshold.")] = 0.0,
+    no_similarity: Annotated[bool, typer.Option("--no-similarity", help="Skip semantic similarity.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Metrics, calibration, before/after table and a self-contained HTML report."""
+    from medtune.config import PredictConfig
+    from medtune.evaluate import evaluate
+
+    metrics = evaluate(
+        _local_model(model),
+        str(data),
+        str(output),
+        baseline=baseline,
+        train_data=str(train_data) if train_data else None,
+        task=task,
+        labels=str(labels) if labels else None,
+        cfg=PredictConfig(mode=mode, min_confidence=min_confidence),
+        overwrite=overwrite,
+        similarity=not no_similarity,
+    )
+    keys = ("accuracy", "macro_f1", "weighted_f1", "ece", "semantic_similarity", "outside_label_set")
+    _print_json({k: metrics[k] for k in keys if k in metrics} | {"report": str(output / "report.html")})
+
+
+@app.command("demo")
+def demo_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/demo"),
+    n: Annotated[int, typer.Option(help="Synthetic notes to generate.")] = 3000,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """The whole job on the embedded default: synth -> split -> base -> train -> merge -> predict -> report."""
+    from medtune.demo import run_demo
+
+    run_demo(output, n=n, config=config, overrides=overrides)
+
+
+# ----------------------------------------------------------------------------- registry / serve
+@app.command("register")
+def register_cmd(
+    run_dir: Path,
+    name: Annotated[str, typer.Option(help="Registered model name.")],
+    alias: Annotated[str, typer.Option(help="Alias to point at this version.")] = "champion",
+) -> None:
+    """Log a run or merged model to MLflow as a pyfunc model, register it and set an alias."""
+    from medtune.registry import register
+
+    _print_json(register(run_dir, name, alias))
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Option(help="Run/merged dir or models:/NAME@alias.")],
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Bearer token required on API routes.")
+    ] = None,
+    max_body_bytes: int = 1_000_000,
+    max_note_chars: int = 20_000,
+    max_batch: int = 64,
+    max_concurrency: int = 8,
+) -> None:
+    """HTTP API (POST /v1/predict, /healthz, /readyz, /v1/labels, /docs) and a web page at /."""
+    from medtune.serve import serve
+
+    serve(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        max_note_chars=max_note_chars,
+        max_batch=max_batch,
+        max_concurrency=max_concurrency,
+    )
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ class ModelConfig:
                                     "'float32', 'bfloat16' or 'float16'.")
     device: str = _f("auto", "'auto', 'cpu' or 'cuda'.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    template: str = _f("auto", "Prompt template: 'auto' (the base's chat template if it has one), 'chat' or 'plain'.")
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager').")
 
 

@@ -177,7 +177,7 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         _keep_4bit_training_layout(model)
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    template = default_template(cfg.data.task, tokenizer, labels)
+    template = default_template(cfg.data.task, tokenizer, labels, cfg.model.template)
     enc = [encode_examples(template, tokenizer, list(df["text"]), list(df["label"]),
                            cfg.train.max_length) for df in (train_df, val_df)]
     meta = {"kind": "run" if cfg.lora.enabled else "merged", "base": base, "task": cfg.data.task,

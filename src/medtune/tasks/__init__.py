@@ -73,9 +73,12 @@ class Template:
         return cls(**read_json(Path(directory) / "template.json"))
 
 
-def default_template(task: str, tokenizer: Any, labels: list[str]) -> Template:
-    """The base's own chat template when it has one, else the plain instruction template."""
-    kind = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+def default_template(task: str, tokenizer: Any, labels: list[str], kind: str = "auto") -> Template:
+    """The base's own chat template when it has one (kind='auto'), else the plain template."""
+    if kind == "auto":
+        kind = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if kind not in ("chat", "plain"):
+        raise ValueError(f"model.template: unknown '{kind}' (auto, chat, plain)")
     instruction = MCQA_INSTRUCTION if task == "mcqa" else PROTOCOL_INSTRUCTION
     answer_prefix = "Answer: " if task == "mcqa" else ""
     return Template(task=task, kind=kind, instruction=instruction, answer_prefix=answer_prefix,
