@@ -50,6 +50,8 @@ def config_show(
 
     from medtune.config import field_help, load_config
 
+    if file is not None and "=" in str(file) and not file.exists():  # only overrides given
+        overrides, file = [str(file), *(overrides or [])], None
     cfg = load_config(file, overrides)
     if fields:
         for key, value, help_text in field_help(cfg):
@@ -214,12 +216,15 @@ def merge_cmd(
     run_dir: Path,
     output: Annotated[Path, typer.Option("--output", "-o")],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    source: Annotated[
+        str, typer.Option(help="Merge into the 'dequantized' 4-bit weights trained on (default) or the 'original'.")
+    ] = "dequantized",
     overwrite: Overwrite = False,
 ) -> None:
     """Merge a LoRA adapter into an unquantized base and verify the logits match."""
     from medtune.merge import merge
 
-    _print_json(merge(run_dir, output, dtype=dtype, overwrite=overwrite))
+    _print_json(merge(run_dir, output, dtype=dtype, overwrite=overwrite, source=source))
 
 
 # ----------------------------------------------------------------------------- predict / evaluate
@@ -318,7 +323,7 @@ def evaluate_cmd(
 @app.command("demo")
 def demo_cmd(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/demo"),
-    n: Annotated[int, typer.Option(help="Synthetic notes to generate.")] = 3000,
+    n: Annotated[int, typer.Option(help="Synthetic notes to generate.")] = 10000,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:

@@ -59,6 +59,7 @@ class LoraConfig:
     target_modules: str | list[str] = _f("all-linear", "Modules to adapt: 'all-linear' or a list of names.")
     rslora: bool = _f(False, "Rank-stabilized LoRA scaling (alpha/sqrt(r)).")
     dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    plus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = train.lr x this (0 = off; 16 is typical).")
 
 
 @dataclass
@@ -181,6 +182,11 @@ def _apply(obj: Any, key: str, value: Any) -> None:
     leaf = parts[-1]
     if leaf not in names:
         valid = [".".join([*path, n]) for n in names]
+        if not path:  # a bare key: suggest the full dotted key it most likely meant
+            valid += [k for k, _, _ in field_help()]
+            leaf_of = {k.rsplit(".", 1)[-1]: k for k, _, _ in field_help()}
+            if key in leaf_of:
+                raise ConfigError(f"unknown config key '{key}' (did you mean '{leaf_of[key]}'?)")
         raise ConfigError(f"unknown config key '{key}'{_closest(key, valid)}")
     if dataclasses.is_dataclass(getattr(target, leaf)):
         if not isinstance(value, dict):

@@ -35,7 +35,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def run_demo(output: str | Path = "runs/demo", *, n: int = 3000, seed: int = 0,
+def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
              config: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     from medtune.base import build_base
     from medtune.data import load_labeled, split_data
@@ -92,9 +92,10 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 3000, seed: int = 0,
     timings["predict"] = time.time() - t
     console.print({k: summ[k] for k in ("rows", "notes_per_s", "accuracy", "abstained") if k in summ})
 
-    _step("7/7 evaluate: fine-tuned vs zero-shot base vs TF-IDF")
+    _step("7/7 evaluate: QLoRA model vs zero-shot base vs TF-IDF")
     t = time.time()
-    metrics = evaluate(str(merged), str(out / "data" / "test.csv"), str(out / "report"),
+    # "after" = the QLoRA model as trained (4-bit NF4 base + adapter); "before" = the base zero-shot
+    metrics = evaluate(str(run), str(out / "data" / "test.csv"), str(out / "report"),
                        baseline=[str(base), "tfidf"], train_data=str(out / "data" / "train.csv"),
                        overwrite=True)
     timings["evaluate"] = time.time() - t

@@ -41,8 +41,37 @@ def _logits(model, batch) -> torch.Tensor:
     return out * batch["attention_mask"][..., None]
 
 
+@torch.no_grad()
+def dequantize_into(full_model, quantized_model) -> int:
+    """Copy the dequantized weights of every 4-bit / 8-bit layer of ``quantized_model`` into the
+    same layer of ``full_model``. Returns the number of layers copied.
+
+    The adapter was trained against these rounded weights, so merging into them (rather than into
+    the original full-precision weights) reproduces the training model's outputs.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    copied = 0
+    for name, module in quantized_model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            w = module.weight
+            weight = w.CB.float() * w.SCB.float()[:, None] / 127.0 if w.CB is not None else w.data.float()
+        else:
+            continue
+        target = full_model.get_submodule(name)
+        target.weight.copy_(weight.reshape(target.weight.shape).to(target.weight.dtype))
+        copied += 1
+    return copied
+
+
 def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
-          overwrite: bool = False, probe_texts: list[str] | None = None) -> dict[str, Any]:
+          overwrite: bool = False, probe_texts: list[str] | None = None,
+          source: str = "dequantized") -> dict[str, Any]:
+    """``source='dequantized'`` (default) merges into the dequantized 4-/8-bit weights the adapter
+    was trained on; ``'original'`` merges into the original full-precision checkpoint."""
     from peft import PeftModel
 
     run_dir = Path(run_dir)
@@ -59,8 +88,16 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     texts = probe_texts or ["routine follow-up imaging requested", "pain after fall, rule out fracture",
                             "headache with vomiting", "shortness of breath and chest pain"]
     batch = _probe_batch(tokenizer, template, texts)
+    if source not in ("dequantized", "original"):
+        raise MedtuneError(f"--source: unknown '{source}' (dequantized, original)")
     full_cfg = ModelConfig(quantization="none", compute_dtype=dtype, device="cpu")
     base = load_base_model(meta["base"], full_cfg, tokenizer)
+    quantized = meta.get("quantization", "none") != "none"
+    if quantized and source == "dequantized":
+        qbase = load_base_model(meta["base"], ModelConfig(quantization=meta["quantization"], device="cpu"),
+                                tokenizer)
+        dequantize_into(base, qbase)
+        del qbase
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     ref = _logits(peft_model, batch)
     merged = peft_model.merge_and_unload().eval()
@@ -78,7 +115,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
         del qmodel, qbase
     report = {"max_abs_logit_diff_vs_adapter": diff, "tolerance": tol,
               "max_abs_logit_diff_vs_quantized_training_model": diff_4bit,
-              "dtype": dtype, "probe_texts": len(texts), "seconds": round(time.time() - t0, 2)}
+              "source": source if quantized else "original", "dtype": dtype, "probe_texts": len(texts), "seconds": round(time.time() - t0, 2)}
     with atomic_dir(output) as tmp:
         merged.to(torch_dtype).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

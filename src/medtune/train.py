@@ -201,18 +201,30 @@ def _keep_4bit_training_layout(model) -> None:
 
 
 # ----------------------------------------------------------------------------- optimizer
-def make_optimizer(params, cfg: Config, device: str):
+def param_groups(model, cfg: Config) -> list[dict[str, Any]]:
+    """Trainable parameters; with lora.plus_ratio > 0 the LoRA B matrices get lr x ratio (LoRA+)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = cfg.lora.plus_ratio
+    if not ratio or not cfg.lora.enabled:
+        return [{"params": [p for _, p in named], "lr": cfg.train.lr}]
+    b = [p for n, p in named if "lora_B" in n]
+    rest = [p for n, p in named if "lora_B" not in n]
+    return [{"params": rest, "lr": cfg.train.lr}, {"params": b, "lr": cfg.train.lr * ratio}]
+
+
+def make_optimizer(groups, cfg: Config, device: str):
     name = cfg.train.optimizer
     if name == "auto":
         name = "paged_adamw8bit" if device == "cuda" else "adamw"
+    wd = cfg.train.weight_decay
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=wd)
     import bitsandbytes as bnb
 
     if name == "paged_adamw8bit":
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return bnb.optim.PagedAdamW8bit(groups, lr=cfg.train.lr, weight_decay=wd)
     if name == "adamw8bit":
-        return bnb.optim.AdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr, weight_decay=wd)
     raise MedtuneError(f"train.optimizer: unknown '{name}' (auto, adamw, adamw8bit, paged_adamw8bit)")
 
 
@@ -256,7 +268,7 @@ def _step(s: Setup, batch: list[Example], micro: int) -> tuple[float, int, int]:
         b = {k: v.to(device) for k, v in b.items()}
         ce, n = supervised_loss(s.model, b["input_ids"], b["attention_mask"], b["labels"])
         (ce / total.to(device)).backward()
-        loss_sum += float(ce)
+        loss_sum += ce.item()
         tokens += int(b["attention_mask"].sum())
     return loss_sum, tokens, int(total)
 
@@ -308,7 +320,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     spe = steps_per_epoch(len(s.train), tc.batch_size)
     total = tc.max_steps or max(1, math.ceil(spe * tc.epochs))
     params = [p for p in s.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, s.device)
+    optimizer = make_optimizer(param_groups(s.model, cfg), cfg, s.device)
     scheduler = make_scheduler(optimizer, cfg, total)
     start_step, state = 0, {}
     if resume:
