@@ -49,7 +49,7 @@ class BaseSpec:
     max_positions: int = 512
     seq_len: int = 128          # pretraining sequence length (notes packed, separated by </s>)
     batch_size: int = 16        # tokens/step = batch_size * seq_len = 2,048
-    steps: int = 300
+    steps: int = 600
     lr: float = 3e-3
     seed: int = 0
 
@@ -99,11 +99,21 @@ def _pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long).view(n, seq_len)
 
 
+def _marker_key(marker: Path) -> str | None:
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("key") if isinstance(info, dict) else None
+
+
 def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpec | None = None,
-               *, extra_vocab_texts: list[str] | None = None, progress: bool = True) -> Path:
+               *, extra_vocab_texts: list[str] | None = None, progress: bool = True,
+               overwrite: bool = False) -> Path:
     """Train tokenizer + tiny Llama on ``texts`` and save to ``output`` (default: the cache).
 
-    Returns the directory. A cached build with the same inputs is reused.
+    Returns the directory. A build with the same inputs is reused. An explicit ``output`` that is
+    not empty and holds no such build is refused unless ``overwrite``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,8 +123,13 @@ def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpe
         raise MedtuneError(f"need at least 20 non-empty notes to build the embedded base, got {len(texts)}")
     key = _digest(texts + (extra_vocab_texts or []), spec)
     out = Path(output) if output else cache_root() / "bases" / key
-    if (out / "medtune_base.json").is_file():
+    marker = out / "medtune_base.json"
+    if marker.is_file() and (output is None or _marker_key(marker) == key):
         return out
+    if output is not None and not overwrite and out.exists() \
+            and (not out.is_dir() or any(out.iterdir())):
+        raise MedtuneError(f"{out}: output exists and is not this base build "
+                           "(pass --overwrite to replace it)")
 
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)

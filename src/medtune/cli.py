@@ -162,7 +162,7 @@ def base_build(
     data: Annotated[Path, typer.Option(help="Notes to train tokenizer and model on.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory (default: cache).")] = None,
     text_column: TextCol = None,
-    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 300,
+    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 600,
     seed: int = 0,
 ) -> None:
     """Build the embedded tiny base (BPE tokenizer + small Llama, pretrained on the notes)."""

@@ -56,7 +56,8 @@ class LoraConfig:
     r: int = _f(64, "LoRA rank (original radiology project: 64).")
     alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
     dropout: float = _f(0.1, "Dropout on the LoRA input.")
-    target_modules: str | list[str] = _f("all-linear", "Modules to adapt: 'all-linear' or a list of names.")
+    target_modules: str | list[str] = _f(  # noqa: RUF009
+        "all-linear", "Modules to adapt: 'all-linear' or a list of names.")
     rslora: bool = _f(False, "Rank-stabilized LoRA scaling (alpha/sqrt(r)).")
     dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     plus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = train.lr x this (0 = off; 16 is typical).")
@@ -118,9 +119,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_null and type(None) in args:
+            return None
         candidates = [a for a in args if a is not type(None)]
         if isinstance(value, str) and "," in value:  # 'q_proj,v_proj': a list where one is allowed
             candidates.sort(key=lambda a: typing.get_origin(a) is not list)

@@ -36,7 +36,8 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 
 
 def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
-             config: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+             config: str | Path | None = None, overrides: list[str] | None = None,
+             base_spec: Any = None) -> dict[str, Any]:
     from medtune.base import build_base
     from medtune.data import load_labeled, split_data
     from medtune.evaluate import evaluate
@@ -66,7 +67,7 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
     t = time.time()
     train_df = load_labeled(out / "data" / "train.csv")
     labels = sorted(set(train_df["label"]))
-    base = build_base(list(train_df["text"]), extra_vocab_texts=labels)
+    base = build_base(list(train_df["text"]), spec=base_spec, extra_vocab_texts=labels)
     cfg.model.base = str(base)
     timings["base"] = time.time() - t
     console.print(f"base: {base}")

@@ -16,7 +16,7 @@ import torch
 
 from medtune.config import ModelConfig
 from medtune.errors import MedtuneError
-from medtune.fsutil import atomic_dir, prepare_output_dir, write_json
+from medtune.fsutil import atomic_dir, check_output_dir, write_json
 from medtune.model import DTYPES, load_base_model, load_tokenizer, read_meta
 from medtune.tasks import Template
 
@@ -81,7 +81,9 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     if dtype not in DTYPES:
         raise MedtuneError(f"--dtype: unknown '{dtype}' (float32, bfloat16, float16)")
     torch_dtype = DTYPES[dtype]
-    prepare_output_dir(output, overwrite)
+    if Path(output).resolve() == run_dir.resolve():
+        raise MedtuneError(f"{output}: output would replace the run directory being merged")
+    check_output_dir(output, overwrite)  # atomic_dir creates it
     t0 = time.time()
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     template = Template.load(run_dir)
@@ -115,7 +117,8 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
         del qmodel, qbase
     report = {"max_abs_logit_diff_vs_adapter": diff, "tolerance": tol,
               "max_abs_logit_diff_vs_quantized_training_model": diff_4bit,
-              "source": source if quantized else "original", "dtype": dtype, "probe_texts": len(texts), "seconds": round(time.time() - t0, 2)}
+              "source": source if quantized else "original", "dtype": dtype,
+              "probe_texts": len(texts), "seconds": round(time.time() - t0, 2)}
     with atomic_dir(output) as tmp:
         merged.to(torch_dtype).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -37,7 +37,7 @@ from medtune.batching import (
 )
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.fsutil import prepare_output_dir, read_json, write_json, write_text
+from medtune.fsutil import atomic_dir, prepare_output_dir, read_json, write_json, write_text
 from medtune.model import (
     attach_lora,
     compute_dtype,
@@ -75,20 +75,67 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+_OWN_GROUP = {"flag": False}  # True when this module created the process group (and ends it)
+
+
 def init_distributed(device: str) -> tuple[int, int]:
     rank, world = dist_info()
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "").lower() in ("1", "true"):  # would be silently ignored
+            raise MedtuneError(f"{var} is set: medtune's trainer is data-parallel only and does not "
+                               f"shard with {what}; launch with configs/accelerate/ddp.yaml "
+                               "(docs/DISTRIBUTED.md)")
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-        if device == "cuda":
+        if device == "cuda":  # before the group: NCCL binds each rank to its own GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        _OWN_GROUP["flag"] = True
     return rank, world
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.all_reduce(t)
     return t
+
+
+def barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
+
+
+def rank_share(indices: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous slice of a global batch. Slice sizes differ by at most one, so an
+    uneven last batch (7 examples on 2 ranks: 4 + 3) loses nothing; a rank may get none."""
+    n = len(indices)
+    return indices[rank * n // world:(rank + 1) * n // world]
+
+
+def all_reduce_grads_(params: list[torch.Tensor]) -> None:
+    """Sum gradients over ranks in one flat buffer (one collective per step, not per tensor). A
+    rank whose share of the batch was empty contributes zeros: every rank joins the collective."""
+    if not _distributed():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+def broadcast_trainable_(model) -> None:
+    """Start every rank from rank 0's trainable weights (LoRA init), whatever each rank's RNG did."""
+    if _distributed():
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.distributed.broadcast(p.data, src=0)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -157,14 +204,21 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         labels = ["A", "B", "C", "D"]
     unseen = sorted(set(val_df["label"]) - set(labels))
     if unseen:
-        print(f"warning: {len(unseen)} validation label(s) unseen in training: {unseen}",
+        from medtune.data import shown  # a label column holding notes must not print them
+
+        listed = [shown(u) for u in unseen[:20]] + (["..."] if len(unseen) > 20 else [])
+        print(f"warning: {len(unseen)} validation label(s) unseen in training: {listed}",
               file=sys.stderr)
     base = cfg.model.base
     if base == "embedded":
         from medtune.base import build_base
 
-        base = str(build_base(list(train_df["text"]), extra_vocab_texts=labels,
-                              progress=rank == 0))
+        # rank 0 builds (or finds) the cached base; the others wait, then find it in the cache
+        for turn in (0, 1):
+            if (rank == 0) == (turn == 0):
+                base = str(build_base(list(train_df["text"]), extra_vocab_texts=labels,
+                                      progress=rank == 0))
+            barrier()
     tokenizer = load_tokenizer(base)
     quantized = cfg.model.quantization != "none"
     if not cfg.lora.enabled and quantized:
@@ -177,6 +231,9 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         _keep_4bit_training_layout(model)
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if world > 1:
+        broadcast_trainable_(model)
+        torch.manual_seed(cfg.train.seed + rank)  # independent dropout masks on each rank
     template = default_template(cfg.data.task, tokenizer, labels, cfg.model.template)
     enc = [encode_examples(template, tokenizer, list(df["text"]), list(df["label"]),
                            cfg.train.max_length) for df in (train_df, val_df)]
@@ -257,20 +314,19 @@ class Interrupted(Exception):
     pass
 
 
-def _step(s: Setup, batch: list[Example], micro: int) -> tuple[float, int, int]:
-    """One optimizer step's forward/backward over ``batch`` (this rank's share), in micro-batches."""
+def _step(s: Setup, batch: list[Example], micro: int, total: torch.Tensor) -> tuple[float, int]:
+    """One optimizer step's forward/backward over ``batch`` (this rank's share), in micro-batches.
+    ``total``: supervised tokens of the whole step over all ranks (the loss normaliser)."""
     device = s.device
-    total = all_reduce_(torch.tensor(float(sum(len(e.input_ids) - e.n_prompt for e in batch))))
-    # every sequence supervises its answer tokens incl. EOS; normalise by the global count
     loss_sum, tokens = 0.0, 0
     for i in range(0, len(batch), micro):
         b = collate(batch[i:i + micro], s.tokenizer.pad_token_id)
         b = {k: v.to(device) for k, v in b.items()}
-        ce, n = supervised_loss(s.model, b["input_ids"], b["attention_mask"], b["labels"])
+        ce, _ = supervised_loss(s.model, b["input_ids"], b["attention_mask"], b["labels"])
         (ce / total.to(device)).backward()
         loss_sum += ce.item()
         tokens += int(b["attention_mask"].sum())
-    return loss_sum, tokens, int(total)
+    return loss_sum, tokens
 
 
 @torch.no_grad()
@@ -303,12 +359,32 @@ def _log(s: Setup, row: dict[str, Any], callbacks: list[Callback]) -> None:
         cb(row)
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Resume: rows logged after the checkpoint belong to steps that are about to be redone."""
+def _metric_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl; a line torn by a crash mid-append (SIGKILL, full disk) is skipped."""
+    rows = []
     if path.exists():
-        rows = [x for x in path.read_text(encoding="utf-8").splitlines()
-                if x.strip() and json.loads(x).get("step", 0) <= step]
-        write_text(path, "".join(f"{r}\n" for r in rows))
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _drop_metrics_after(path: Path, step: int) -> dict[str, Any]:
+    """Resume: rows logged after the checkpoint belong to steps that are about to be redone.
+    Returns the rows of ``step`` merged (the summary of a run resumed at its last step)."""
+    if not path.exists():
+        return {}
+    rows = [r for r in _metric_rows(path) if r.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    last: dict[str, Any] = {}
+    for r in rows:
+        if r.get("step") == step:
+            last.update(r)
+    return last
 
 
 def fit(s: Setup, *, resume: bool = False, progress: bool = True,
@@ -322,7 +398,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     params = [p for p in s.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(param_groups(s.model, cfg), cfg, s.device)
     scheduler = make_scheduler(optimizer, cfg, total)
-    start_step, state = 0, {}
+    start_step, state, resumed = 0, {}, {}
     if resume:
         found = ckpt.complete_checkpoints(s.run_dir)
         if not found:
@@ -330,8 +406,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
         state = ckpt.load_checkpoint(found[-1], s.model, optimizer, scheduler)
         start_step = state["step"]
         if s.rank == 0:
-            _drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
-        if s.rank == 0:
+            resumed = _drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
             print(f"resuming from {found[-1].name} (step {start_step}/{total})", file=sys.stderr)
     lengths = [len(e.input_ids) for e in s.train]
     micro = tc.micro_batch_size or tc.batch_size
@@ -341,11 +416,12 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     def _on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
         stop["flag"] = True
 
+    # every rank traps the signal (torchrun forwards it to all); the flag is all-reduced below
     old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} \
-        if s.rank == 0 and _main_thread() else {}
+        if _main_thread() else {}
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    t0, tok_window, last = time.time(), 0, {}
+    t0, tok_window, last = time.time(), 0, resumed  # resumed: a run killed after its last step
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -359,13 +435,14 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                 if epoch not in epoch_cache:
                     epoch_cache = {epoch: epoch_batches(lengths, tc.batch_size, tc.seed, epoch,
                                                         tc.group_by_length)}
-                indices = epoch_cache[epoch][idx]
-                share = len(indices) // s.world if len(indices) >= s.world else len(indices)
-                mine = indices[s.rank * share:(s.rank + 1) * share] if s.world > 1 else indices
-                batch = [s.train[i] for i in mine]
+                batch = [s.train[i] for i in rank_share(epoch_cache[epoch][idx], s.rank, s.world)]
+                # every sequence supervises its answer tokens incl. EOS; normalise by the global
+                # count (outside the OOM retry: a retry on one rank must not repeat a collective)
+                n_sup = int(all_reduce_(torch.tensor(float(sum(len(e.input_ids) - e.n_prompt
+                                                               for e in batch)))))
                 while True:
                     try:
-                        loss_sum, tokens, n_sup = _step(s, batch, micro)
+                        loss_sum, tokens = _step(s, batch, micro, torch.tensor(float(n_sup)))
                         break
                     except RuntimeError as exc:
                         if not _is_oom(exc) or micro == 1:
@@ -373,23 +450,30 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                         optimizer.zero_grad(set_to_none=True)
                         micro = max(1, micro // 2)
                         print(f"out of memory: micro-batch size -> {micro}", file=sys.stderr)
-                loss = all_reduce_(torch.tensor(loss_sum)).item() / max(1, n_sup)
+                # one collective for the step's loss, tokens and any rank's stop request
+                summed = all_reduce_(torch.tensor([loss_sum, float(tokens), float(stop["flag"])],
+                                                  dtype=torch.float64))
+                loss = summed[0].item() / max(1, n_sup)
+                halt = bool(summed[2].item())  # the same decision on every rank
                 if not math.isfinite(loss):
                     raise MedtuneError(
                         f"loss became {loss} at step {step + 1}: training stopped before writing a "
                         "checkpoint (usual causes: fp16 overflow -> use bf16/fp32 compute, or a "
                         "learning rate too high)")
                 if s.world > 1:
-                    for p in params:
-                        if p.grad is not None:
-                            all_reduce_(p.grad)
+                    all_reduce_grads_(params)
                 if tc.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                    norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+                    if not math.isfinite(norm):  # finite loss, overflowed backward (fp16)
+                        raise MedtuneError(
+                            f"gradient norm became {norm} at step {step + 1}: training stopped "
+                            "before writing a checkpoint (usual causes: fp16 overflow -> use "
+                            "bf16/fp32 compute, or a learning rate too high)")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
-                tok_window += tokens * s.world
+                tok_window += int(summed[1].item())
                 elapsed = time.time() - t0
                 lr = scheduler.get_last_lr()[0]
                 bar.update(task, completed=done, loss=loss, lr=lr, tps=tok_window / max(elapsed, 1e-9))
@@ -403,11 +487,12 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                         last.update(ev)
                         _log(s, {"step": done, **ev}, callbacks)
                 if s.rank == 0 and ((tc.save_every and done % tc.save_every == 0) or done == total
-                                    or stop["flag"]):
+                                    or halt):
                     ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
                                          {"epoch": epoch, "micro_batch_size": micro},
                                          keep=tc.keep_checkpoints)
-                if stop["flag"]:
+                if halt:
+                    barrier()  # no rank exits (and gets the others killed) mid-checkpoint
                     raise Interrupted(done)
     finally:
         for sig, handler in old.items():
@@ -426,15 +511,25 @@ def save(s: Setup, summary: dict[str, Any]) -> Path:
     if s.rank != 0:
         return s.run_dir
     out = s.run_dir
+    # every part is written to a temporary name and renamed; medtune.json, which marks a finished
+    # run, comes last: a crash in here leaves a run that `--resume` completes from its last
+    # checkpoint, never a half-written adapter
     if s.cfg.lora.enabled:
-        s.model.save_pretrained(str(out / "adapter"), safe_serialization=True)
+        with atomic_dir(out / "adapter") as tmp:
+            s.model.save_pretrained(str(tmp), safe_serialization=True)
+        with atomic_dir(out / "tokenizer") as tmp:
+            s.tokenizer.save_pretrained(str(tmp))
     else:
-        unwrap(s.model).save_pretrained(str(out), safe_serialization=True)
-    s.tokenizer.save_pretrained(str(out / "tokenizer") if s.cfg.lora.enabled else str(out))
+        with atomic_dir(out / ".model") as tmp:
+            unwrap(s.model).save_pretrained(str(tmp), safe_serialization=True)
+            s.tokenizer.save_pretrained(str(tmp))
+        for item in sorted((out / ".model").iterdir()):
+            os.replace(item, out / item.name)
+        shutil.rmtree(out / ".model")
     s.template.save(out)
     write_json(out / "labels.json", {"task": s.cfg.data.task, "labels": s.labels})
-    write_json(out / "medtune.json", {**s.meta, "summary": summary})
     _plot_losses(out / "metrics.jsonl", out / "loss.png")
+    write_json(out / "medtune.json", {**s.meta, "summary": summary})
     return out
 
 
@@ -444,7 +539,7 @@ def _plot_losses(metrics: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    rows = _metric_rows(metrics)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -478,8 +573,10 @@ def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
                            f"continue with --resume") from None
     summary["train_seconds"] = round(time.time() - t0, 2)
     out = save(s, summary)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
+    if _OWN_GROUP["flag"]:
+        torch.distributed.destroy_process_group()
+        _OWN_GROUP["flag"] = False
     return out
 
 

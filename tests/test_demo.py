@@ -1,0 +1,29 @@
+"""`medtune demo` end to end at toy scale: every stage runs and the report is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medtune.base import BaseSpec
+from medtune.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    spec = BaseSpec(vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                    seq_len=64, batch_size=8, steps=10)
+    out = tmp_path / "demo"
+    result = run_demo(out, n=400, base_spec=spec,
+                      overrides=["data.min_count=5", "train.max_steps=6", "train.eval_every=3",
+                                 "train.save_every=3", "train.eval_samples=16", "lora.r=8", "lora.alpha=16"])
+    for name in ("notes.csv", "data/train.csv", "run/adapter", "merged/model.safetensors",
+                 "predictions.csv", "report/report.html", "report/metrics.json"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["outside_label_set"] == 0
+    names = [row["model"] for row in result["metrics"]["comparison"]]
+    assert len(names) == 3 and any("TF-IDF" in n for n in names)
+    assert set(result["timings"]) >= {"base", "train", "merge", "predict", "evaluate", "total"}
