@@ -2,12 +2,18 @@
 
 A directory ``checkpoints/step-N`` without ``COMPLETE`` is never loaded. Weights are safetensors;
 optimizer state is loaded with ``torch.load(weights_only=True)``.
+
+Test hook: ``MEDTUNE_TEST_CHECKPOINT_DELAY=SECONDS`` pauses every checkpoint write half-way (weights
+written, ``COMPLETE`` not yet), so a test can kill the process while a checkpoint is being written
+(tests/test_kill_resume.py). Unset in normal use.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
     with atomic_dir(target) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _test_delay()
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -41,6 +48,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
         (tmp / MARKER).write_text("ok\n")  # last file written before the rename
     prune(run_dir, keep)
     return target
+
+
+def _test_delay() -> None:
+    delay = os.environ.get("MEDTUNE_TEST_CHECKPOINT_DELAY")
+    if delay:
+        time.sleep(float(delay))
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

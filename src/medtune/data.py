@@ -13,6 +13,7 @@ import codecs
 import csv
 import io
 import json
+import math
 import re
 import warnings
 from collections.abc import Iterable
@@ -64,7 +65,10 @@ def read_table(path: str | Path, *, max_field_bytes: int = 1_000_000) -> pd.Data
     if suffix in PARQUET:
         df, where = _read_parquet(path)
     elif suffix in DELIMITED or suffix in JSON_LINES:
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
         skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
         if not raw[skip:].strip():
             raise DataError(f"{path}: file is empty")
@@ -77,8 +81,8 @@ def read_table(path: str | Path, *, max_field_bytes: int = 1_000_000) -> pd.Data
         else:
             df, where = _read_delimited(path, text, bad, DELIMITED[suffix] or _sniff(text))
     else:
-        shown = f"'{suffix}'" if suffix else "(no extension)"
-        raise DataError(f"{path}: unknown file format {shown}; supported: {SUPPORTED}")
+        named = f"'{suffix}'" if suffix else "(no extension)"
+        raise DataError(f"{path}: unknown file format {named}; supported: {SUPPORTED}")
     if len(df) == 0:
         raise DataError(f"{path}: no data rows")
     _check_field_sizes(path, df, where, max_field_bytes)
@@ -99,7 +103,7 @@ def _header(path: Path, record: list[str]) -> list[str]:
         if _BAD_UTF8.search(name):
             raise DataError(f"{path}: header, column {i + 1}: not valid UTF-8; re-save as UTF-8")
         if name in names[:i]:
-            raise DataError(f"{path}: header: duplicate column name '{name}'")
+            raise DataError(f"{path}: header: duplicate column name '{shown(name)}'")
     return names
 
 
@@ -123,7 +127,7 @@ def _read_delimited(path: Path, text: str, bad: int | None, delimiter: str):
             if bad is not None:
                 for value, column in zip(record, header, strict=True):
                     if _BAD_UTF8.search(value):
-                        raise DataError(f"{path}: data row {n}, column '{column}': not valid "
+                        raise DataError(f"{path}: data row {n}, column '{shown(column)}': not valid "
                                         f"UTF-8 (byte offset {bad}); re-save the file as UTF-8")
             rows.append(record)
     except csv.Error as exc:
@@ -156,6 +160,33 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(data, dtype=str)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud83d": half of a UTF-16 pair
+
+
+def parse_json(text: str, path: str | Path, where: str | None = None) -> Any:
+    """``json.loads`` whose every failure is a one-line DataError naming ``where`` (default: the
+    line of a syntax error, else "file"): syntax, nesting too deep, integers too long, and
+    escaped lone surrogates ("\\ud800"), which no UTF-8 writer, tokenizer or Arrow column
+    accepts."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: {where or f'line {exc.lineno}'}: invalid JSON ({exc.msg})") \
+            from None
+    except RecursionError:
+        raise DataError(f"{path}: {where or 'file'}: invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer over sys.get_int_max_str_digits() digits
+        raise DataError(f"{path}: {where or 'file'}: invalid JSON "
+                        f"({str(exc).split(':')[0]})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{path}: {where or 'file'}: invalid text (a \\u escape of half a "
+                            "UTF-16 surrogate pair)") from None
+    return value
+
+
 def _read_json(path: Path, text: str, bad: int | None):
     lines = text.split("\n")
     if bad is not None:
@@ -164,20 +195,14 @@ def _read_json(path: Path, text: str, bad: int | None):
         raise DataError(f"{path}: line {lineno}: not valid UTF-8 (byte offset {bad}); "
                         "re-save the file as UTF-8")
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        data = parse_json(text, path)
         where = [f"record {i}" for i in range(1, len(data) + 1)]
     else:
         data, where = [], []
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                data.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+            data.append(parse_json(line, path, f"line {lineno}"))
             where.append(f"line {lineno}")
     for item, place in zip(data, where, strict=True):
         if not isinstance(item, dict):
@@ -201,7 +226,7 @@ def _read_parquet(path: Path):
                 try:
                     value = value.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise DataError(f"{path}: row {i + 1}, column '{name}': not valid UTF-8 "
+                    raise DataError(f"{path}: row {i + 1}, column '{shown(name)}': not valid UTF-8 "
                                     f"(byte offset {exc.start} in the field)") from None
             values.append(_as_str(value))
         data[name] = values
@@ -221,7 +246,7 @@ def _check_field_sizes(path: Path, df: pd.DataFrame, where: list[str], limit: in
                 break
     if first is not None:
         i, column, size = first
-        raise DataError(f"{path}: {where[i]}, column '{column}': field is {size} bytes, over "
+        raise DataError(f"{path}: {where[i]}, column '{shown(column)}': field is {size} bytes, over "
                         f"the limit of {limit} (max_field_bytes)")
 
 
@@ -244,10 +269,20 @@ def _drop_index_columns(df: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------ columns, labels
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """``value`` for an error or warning line, unless it may be note text (a headerless file's
+    first row, a note in the label column): longer than ``limit`` or more than four words."""
+    text = str(value)
+    if len(text) > limit or len(text.split()) > 4:
+        return f"<{len(text)} characters, not shown>"
+    # one line, whatever the file holds: control characters are escaped
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _available(df: pd.DataFrame) -> str:
-    names = [str(c) for c in df.columns]
-    shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
-    return shown or "(none)"
+    names = [shown(c) for c in df.columns]
+    listed = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+    return listed or "(none)"
 
 
 def _find_column(df: pd.DataFrame, path: str | Path, role: str, explicit: str | None,
@@ -260,7 +295,7 @@ def _find_column(df: pd.DataFrame, path: str | Path, role: str, explicit: str | 
             return explicit
         if explicit.lower() in by_lower:
             return by_lower[explicit.lower()]
-        raise DataError(f"{path}: {role} column '{explicit}' not found; available columns: "
+        raise DataError(f"{path}: {role} column '{shown(explicit)}' not found; available columns: "
                         f"{_available(df)}")
     for name in candidates:
         if name in by_lower:
@@ -278,7 +313,7 @@ def detect_columns(df: pd.DataFrame, path: str | Path, text_column: str | None =
     label = _find_column(df, path, "label", label_column, LABEL_COLUMNS, True)
     assert text is not None and label is not None
     if text == label:
-        raise DataError(f"{path}: text and label are the same column '{text}'")
+        raise DataError(f"{path}: text and label are the same column '{shown(text)}'")
     return text, label
 
 
@@ -292,9 +327,9 @@ def check_unseen_labels(train_labels: Iterable[str], test_labels: Iterable[str],
     """Labels of ``test_labels`` never seen in training; warns (stderr) when there are any."""
     unseen = sorted(set(test_labels) - set(train_labels) - {""})
     if unseen:
-        shown = ", ".join(repr(u) for u in unseen[:20])
+        listed = ", ".join(repr(shown(u)) for u in unseen[:20])
         more = f" and {len(unseen) - 20} more" if len(unseen) > 20 else ""
-        warnings.warn(f"{path}: {len(unseen)} label(s) never seen in training: {shown}{more}",
+        warnings.warn(f"{path}: {len(unseen)} label(s) never seen in training: {listed}{more}",
                       UserWarning, stacklevel=2)
     return unseen
 
@@ -339,17 +374,18 @@ def _parse_cop(value: str, row: int, path: str | Path, column: str, cop_base: in
     raw = value.strip()
     if raw.upper() in LETTERS:
         return LETTERS.index(raw.upper())
+    value = shown(raw, 8)  # a long value may be a misplaced note: not echoed
     try:
         number = float(raw)
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise ValueError
     except ValueError:
-        raise DataError(f"{path}: row {row}, column '{column}': answer '{raw}' is not an "
+        raise DataError(f"{path}: row {row}, column '{column}': answer '{value}' is not an "
                         f"option index ({cop_base}-{cop_base + 3}) or letter A-D") from None
     index = int(number) - cop_base
     if not 0 <= index <= 3:
         hint = " (1-based answers? pass cop_base=1)" if cop_base == 0 and number == 4 else ""
-        raise DataError(f"{path}: row {row}, column '{column}': answer {int(number)} out of "
+        raise DataError(f"{path}: row {row}, column '{column}': answer {value} out of "
                         f"range {cop_base}-{cop_base + 3}{hint}")
     return index
 
@@ -401,7 +437,7 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
     text = _find_column(df, path, "text", text_column, TEXT_COLUMNS, True)
     label = _find_column(df, path, "label", label_column, LABEL_COLUMNS, require_labels)
     if text == label:
-        raise DataError(f"{path}: text and label are the same column '{text}'")
+        raise DataError(f"{path}: text and label are the same column '{shown(text)}'")
     assert text is not None
     out = pd.DataFrame({"id": _ids(df, path, {text, label or ""}),
                         "text": df[text].to_numpy(),

@@ -71,13 +71,20 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create an output directory, refusing a non-empty existing one unless ``overwrite``."""
+def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a non-empty existing output directory unless ``overwrite``; create nothing (for a
+    writer that builds the whole directory with ``atomic_dir``: a failure leaves no trace)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{path}: exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise MedtuneError(f"{path}: output directory is not empty (pass --overwrite to replace it)")
+    return path
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create an output directory, refusing a non-empty existing one unless ``overwrite``."""
+    path = check_output_dir(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -5,8 +5,11 @@ and takes a softmax over the L label scores, so the prediction is always one of 
 ``confidence`` is its probability among them. Rows under ``min_confidence`` are flagged
 ``abstained`` (best guess still given) for human review.
 
-MCQA is scored lm-eval style: the log-likelihood of each answer letter A-D right after the
-formatted question and options (``Answer: `` cue), letter tokens only.
+MCQA is scored exactly as lm-eval-harness scores a ``multiple_choice`` task (``choice_ids``):
+trailing whitespace of the prompt ("Answer: ") moves into each choice, prompt + " A" is encoded
+as one string and split at the prompt's token count, and the choice's tokens (no EOS) are
+scored. Tokens shared by all four choices are moved back into the prompt: each choice gets the
+same log-probability for them, so the argmax and the softmax over choices are unchanged.
 
 Files are streamed in chunks of ``chunk_rows`` rows (CSV/TSV via pandas chunks, Parquet via
 record batches, JSONL by lines) and written chunk by chunk to a temporary file that is renamed
@@ -59,7 +62,7 @@ class Predictor:
                               "predict.max_new_tokens >= 1")
         self.labels: list[str] = list(loaded.labels)
         tok, template = loaded.tokenizer, loaded.template
-        if template.task == "mcqa":  # lm-eval style: the letter's own tokens, no EOS
+        if template.task == "mcqa":  # the letter's own tokens, no EOS (scoring: choice_ids)
             self.label_ids = [list(tok(lab, add_special_tokens=False)["input_ids"])
                               for lab in self.labels]
         else:  # the exact sequence the model was trained to emit: label tokens + EOS
@@ -127,15 +130,36 @@ class Predictor:
         """[N, L] log-likelihood of each label after each text's prompt."""
         if not texts:
             return torch.zeros((0, len(self.labels)))
-        prompts = self.prompts(texts, max(len(ids) for ids in self.label_ids))
         pad = self.tokenizer.pad_token_id
-        rows = self._batched(lambda b: list(score_tree(self.model, b, self.label_ids, pad)),
-                             prompts)
+        if self.task == "mcqa":
+            rows = self._mcqa_scores(texts)
+        else:
+            prompts = self.prompts(texts, max(len(ids) for ids in self.label_ids))
+            rows = self._batched(lambda b: list(score_tree(self.model, b, self.label_ids, pad)),
+                                 prompts)
         out = torch.stack(rows).float()
         if torch.isnan(out).any():
             raise MedtuneError("the model produced NaN label scores (fp16 overflow? set "
                                "model.compute_dtype=float32 or bfloat16)")
         return out
+
+    def _mcqa_scores(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """lm-eval-convention choice scores; prompts whose choices tokenize alike share a pass."""
+        pairs = [choice_ids(self.tokenizer, self.template, t, self.labels) for t in texts]
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, conts) in enumerate(pairs):
+            groups.setdefault(tuple(map(tuple, conts)), []).append(i)
+        rows: list[Any] = [None] * len(texts)
+        limit = self.context_limit
+        for conts, idx in groups.items():
+            reserve = max(len(c) for c in conts)
+            cut = None if limit is None else max(8, limit - reserve)
+            prompts = [truncate_prompt(pairs[i][0], cut) for i in idx]
+            scored = self._batched(lambda b, c=conts: list(
+                score_tree(self.model, b, c, self.tokenizer.pad_token_id)), prompts)
+            for i, row in zip(idx, scored, strict=True):
+                rows[i] = row
+        return rows
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, L] softmax over the labels' log-likelihoods: each row sums to 1."""
@@ -153,7 +177,7 @@ class Predictor:
         """One dict per text: prediction, confidence, abstained, top_k ([[label, prob], ...]);
         generate mode adds raw_output and in_label_set (and snapped when snapping).
         A blank text is always flagged abstained."""
-        texts = [str(t) for t in texts]
+        texts = [_valid_text(t) for t in texts]
         if self.cfg.mode == "generate":
             rows = generation_rows(self.generate(texts), self.labels, self.snap)
         else:
@@ -174,6 +198,47 @@ class Predictor:
                          "top_k": [[self.labels[i], p] for i, p in zip(i_row[:k], p_row[:k],
                                                                         strict=True)]})
         return rows
+
+
+def _valid_text(text: Any) -> str:
+    """``str(text)`` that tokenizers accept: lone UTF-16 surrogates (a JSON "\\ud800" escape,
+    e.g. in a request to ``serve``) become U+FFFD instead of crashing the tokenizer."""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def choice_ids(tokenizer: Any, template: Any, text: str,
+               choices: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """(context ids, one id list per choice) by lm-eval-harness's rule for causal models.
+
+    context = the prompt without trailing whitespace; each choice = that whitespace + the
+    choice; context + choice is encoded as ONE string and the choice's ids are what follows the
+    context's token count (so "Answer: A" may end in one " A" token). The plain template's BOS
+    is prepended as ``Template.prompt_ids`` does. Leading ids common to every choice join the
+    context (the same constant for every choice: argmax and softmax are unchanged)."""
+    prompt = template.prompt_text(tokenizer, text)
+    context = prompt.rstrip()
+    moved = prompt[len(context):]
+    ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    conts = [list(tokenizer(context + moved + c, add_special_tokens=False)["input_ids"])[len(ctx):]
+             for c in choices]
+    shared = 0
+    while (all(len(c) > shared + 1 for c in conts)
+           and len({c[shared] for c in conts}) == 1):
+        shared += 1
+    ctx += conts[0][:shared]
+    conts = [c[shared:] for c in conts]
+    if not all(conts):
+        raise MedtuneError("a choice encodes to no tokens after the prompt (tokenizer merges "
+                           "it into the prompt); change the template's answer cue")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if template.kind == "plain" and bos is not None and (not ctx or ctx[0] != bos):
+        ctx = [bos, *ctx]
+    return ctx, conts
 
 
 def _context_limit(loaded: Loaded) -> int | None:

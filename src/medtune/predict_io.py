@@ -44,11 +44,16 @@ def _cell(value: Any, where: str) -> str:
 
 def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | None]:
     """String DataFrames of ``rows`` rows each, and the row count when the format knows it."""
-    from medtune.data import DELIMITED, JSON_LINES, PARQUET, SUPPORTED, _sniff, read_table
+    from medtune.data import DELIMITED, JSON_LINES, PARQUET, SUPPORTED, _sniff, read_table, shown
 
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
     if suffix in PARQUET:
         import pyarrow.parquet as pq
 
@@ -58,8 +63,16 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
             raise DataError(f"{path}: cannot read Parquet ({type(exc).__name__})") from None
 
         def parquet() -> Iterator[pd.DataFrame]:
-            for batch in pf.iter_batches(batch_size=rows):
-                yield pd.DataFrame({name: [_cell(v, f"{path}: column '{name}'")
+            batches = pf.iter_batches(batch_size=rows)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except Exception as exc:  # a corrupt page after a valid footer
+                    raise DataError(f"{path}: cannot read Parquet ({type(exc).__name__})") \
+                        from None
+                if batch is None:
+                    return
+                yield pd.DataFrame({name: [_cell(v, f"{path}: column '{shown(name)}'")
                                            for v in col.to_pylist()]
                                     for name, col in zip(batch.schema.names, batch.columns,
                                                          strict=True)}, dtype=str)
@@ -91,16 +104,15 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
 
 
 def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    from medtune.data import parse_json
+
     batch: list[dict[str, Any]] = []
     with open(path, encoding="utf-8-sig") as fh:
         try:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+                item = parse_json(line, path, f"line {lineno}")
                 if not isinstance(item, dict):
                     raise DataError(f"{path}: line {lineno}: expected a JSON object")
                 batch.append(item)
@@ -128,7 +140,7 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     """Stream ``data`` as Chunks. Columns are found (and checked) on the first chunk, so a bad
     file fails before any model is loaded. Ids: the ``id`` column, else the row number from 0
     (as ``data.load_labeled``)."""
-    from medtune.data import TASKS, _find_column, _parse_cop
+    from medtune.data import TASKS, _find_column, _parse_cop, shown
     from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
     from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
@@ -148,7 +160,7 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
         label = _find_column(first, path, "label", label_column, LABEL_COLUMNS, False)
         options = []
         if text == label:
-            raise DataError(f"{path}: text and label are the same column '{text}'")
+            raise DataError(f"{path}: text and label are the same column '{shown(text)}'")
     id_col = _find_column(first, path, "id", None, ["id"], False)
     id_col = None if id_col in {text, label, *options} else id_col
 

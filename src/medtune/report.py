@@ -26,11 +26,12 @@ from medtune.fsutil import atomic_file, write_json, write_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # fields drawn as plots, or too long for a table: left to metrics.json
-BULKY_KEYS = {"confusion", "reliability", "coverage_curve", "per_row", "labels"}
+BULKY_KEYS = {"confusion", "reliability", "coverage_curve", "per_row", "labels", "comparison"}
 MAX_TABLE_ROWS = 60
 COMPARISON_ORDER = ["accuracy", "macro_f1", "weighted_f1", "semantic_similarity", "size_mb",
-                    "params", "bits_per_param", "peak_memory_mb", "latency_p50_ms",
-                    "latency_p95_ms", "throughput"]
+                    "weight_mb", "params", "bits_per_param", "quantized_bits_per_param",
+                    "peak_memory_mb", "model_memory_mb", "latency_p50_ms", "latency_p95_ms",
+                    "throughput", "train_seconds"]
 QUALITY_KEYS = {"accuracy", "macro_f1", "weighted_f1", "semantic_similarity", "ece"}
 COST_SUFFIXES = ("_mb", "_ms", "_seconds", "_bytes", "params", "bits_per_param", "throughput")
 MAX_RATIO_LINES = 4
@@ -395,6 +396,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _image_file(name: str) -> str:
+    if name.lower().endswith(".png"):
+        name = name[:-4]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "image"
     return f"{stem}.png"
 

@@ -1,0 +1,433 @@
+"""`medtune bench train|predict`: side-by-side benchmarks against the original project's way.
+
+train    medtune's trainer step vs the original step (random batches, full-vocabulary logits;
+         optionally today's TRL SFTTrainer), same base, adapter, data, global batch and steps, in
+         one run: each side in its own process (honest peak memory), stepped alternately (a busy
+         machine slows both alike). One row per vocabulary: the embedded base's own, and
+         randomly initialised copies with a realistic vocabulary (32,000 like Llama-2-7B,
+         256,000 like Gemma-2B) but the embedded base's small hidden size, so they run on a CPU.
+             tokens/s = non-padding tokens of the measured steps / their summed step time
+predict  label-constrained batch prediction (``Predictor``) vs the original per-note sampled
+         generation (``per_row_generate_baseline``), same model and notes, alternating chunks.
+
+Both write ``<output>/bench_<kind>.json`` and ``.md`` and print the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medtune.errors import MedtuneError
+from medtune.fsutil import check_output_file, write_json, write_text
+
+WARMUP = 2  # first steps of each side not timed (allocator and kernel warm-up)
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "torch": torch.__version__,
+                            "python": platform.python_version()}
+    with contextlib.suppress(OSError):
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _outputs(output: str | Path, kind: str, overwrite: bool) -> tuple[Path, Path]:
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise MedtuneError(f"{out}: exists and is not a directory")
+    paths = out / f"bench_{kind}.json", out / f"bench_{kind}.md"
+    for p in paths:
+        check_output_file(p, overwrite)
+    return paths
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _as_list(value: str | Sequence[Any]) -> list[Any]:
+    """'embedded,32000' (a CLI string) or a sequence -> list."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+# ----------------------------------------------------------------------------- train bench
+def _bench_bases(work: Path, vocab: Sequence[int | str], labels: list[str],
+                 seed: int) -> dict[str, Path]:
+    """The embedded architecture (its tokenizer trained on unlabelled synthetic notes, random
+    weights: speed and memory do not depend on them) and copies with a larger vocabulary. All
+    share the tokenizer, so every side of every row sees the same token ids."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.base import BaseSpec, build_base
+    from medtune.synth import synth_unlabelled
+
+    embedded = build_base(synth_unlabelled(2000, seed=seed), work / "base-embedded",
+                          BaseSpec(steps=0, seed=seed), extra_vocab_texts=labels, progress=False)
+    bases = {}
+    for v in vocab:
+        if str(v) == "embedded":
+            bases["embedded"] = embedded
+            continue
+        size = int(v)
+        if size % 64:
+            raise MedtuneError(f"vocab: {size} is not a multiple of 64")
+        config = AutoConfig.from_pretrained(embedded)
+        if size < config.vocab_size:
+            raise MedtuneError(f"vocab: {size} is smaller than the tokenizer's {config.vocab_size}")
+        config.vocab_size = size
+        path = work / f"base-{size}"
+        AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
+        AutoTokenizer.from_pretrained(embedded).save_pretrained(path)
+        bases[str(size)] = path
+    return bases
+
+
+class _Worker:
+    """A bench_baseline process for one side; ``step()`` runs one step and returns its record."""
+
+    def __init__(self, spec: dict[str, Any], work: Path):
+        path = work / f"{spec['name']}.json"
+        path.write_text(json.dumps(spec), encoding="utf-8")
+        self.log = work / f"{spec['name']}.log"
+        self.name = spec["name"]
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "medtune.bench_baseline", str(path)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         text=True, bufsize=1)
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
+            raise MedtuneError(f"bench side '{self.name}' exited {self.proc.returncode}: "
+                               f"{tail[0][:300]} (log: {self.log})")
+        return json.loads(line)
+
+    def step(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _summarise(records: list[dict[str, Any]], end: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    timed = records[WARMUP:] if len(records) > WARMUP else records
+    seconds = sum(r["seconds"] for r in timed)
+    tokens = sum(r["tokens"] for r in timed)
+    padded = sum(r["padded_tokens"] for r in timed)
+    out = {"steps": len(records), "timed_steps": len(timed),
+           "tokens_per_s": tokens / max(seconds, 1e-9),
+           "step_s_median": statistics.median(r["seconds"] for r in timed),
+           "padding_fraction": 1 - tokens / max(1, padded),
+           "final_loss": records[-1]["loss"], "losses": [r["loss"] for r in records],
+           "tokens_total": sum(r["tokens"] for r in records),
+           "padded_tokens_total": sum(r["padded_tokens"] for r in records),
+           "peak_mb": end.get("cuda_peak_mb") if cuda else end.get("rss_peak_mb"),
+           "delta_mb": end.get("cuda_delta_mb") if cuda else end.get("rss_delta_mb"),
+           "memory": {k: v for k, v in end.items() if k != "done"}}
+    return out
+
+
+def bench_train(output: str | Path, *, steps: int = 20,
+                vocab: str | Sequence[int | str] = ("embedded", 32000), batch_size: int = 16,
+                quantization: str = "nf4", lora_r: int = 64, lora_alpha: int = 16, lr: float = 2e-4,
+                sides: str | Sequence[str] = ("medtune", "baseline"),
+                device: str = "auto", threads: int = 1, seed: int = 0, overwrite: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    """Train steps/s, tokens/s and peak memory: medtune's step vs the original project's.
+
+    vocab: 'embedded' and/or vocabulary sizes (multiples of 64) of random models with the
+    embedded base's small hidden size. sides: 'medtune', 'baseline' (full logits, random batches)
+    and 'trl' (today's TRL SFTTrainer). Each side sees steps x batch_size synthetic notes: the
+    same notes, one epoch."""
+    from medtune.synth import synth_protocol
+
+    json_path, md_path = _outputs(output, "train", overwrite)
+    vocab, sides = _as_list(vocab), _as_list(sides)
+    unknown = sorted(set(sides) - {"medtune", "baseline", "trl"})
+    if unknown or not sides:
+        raise MedtuneError(f"sides: unknown {unknown} (medtune, baseline, trl)")
+    if steps < 1 or batch_size < 1:
+        raise MedtuneError("steps and batch_size must be >= 1")
+    results: dict[str, Any] = {"kind": "train", "machine": _machine(), "steps": steps,
+                               "batch_size": batch_size, "quantization": quantization,
+                               "lora_r": lora_r, "lr": lr, "sides": list(sides), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
+        work = Path(tmp)
+        df = synth_protocol(steps * batch_size, seed=seed)
+        df.to_csv(work / "train.csv", index=False)
+        df.head(8).to_csv(work / "val.csv", index=False)
+        labels = sorted(set(df["label"]))
+        bases = _bench_bases(work, vocab, labels, seed)
+        for name, base in bases.items():
+            run = _train_pair(work, name, base, labels, sides, steps=steps, batch_size=batch_size,
+                              quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha,
+                              lr=lr, device=device, threads=threads, seed=seed, progress=progress)
+            results["runs"].append(run)
+    results["machine"]["load_avg_1m_end"] = _machine().get("load_avg_1m")
+    md = _train_markdown(results)
+    write_json(json_path, results)
+    write_text(md_path, md)
+    print(md)
+    return results
+
+
+def _train_pair(work: Path, name: str, base: Path, labels: list[str], sides: Sequence[str], *,
+                steps: int, batch_size: int, quantization: str, lora_r: int, lora_alpha: int,
+                lr: float, device: str, threads: int, seed: int, progress: bool) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    overrides = [f"model.base={base}", f"model.quantization={quantization}",
+                 f"model.device={device}", f"lora.r={lora_r}", f"lora.alpha={lora_alpha}",
+                 "lora.dropout=0", f"train.lr={lr}", f"train.batch_size={batch_size}",
+                 f"train.max_steps={steps}", f"train.warmup_steps={min(2, steps)}",
+                 "train.eval_every=0", "train.eval_samples=0", "train.save_every=0",
+                 "train.log_every=1", "train.keep_checkpoints=1", f"train.seed={seed}",
+                 "train.optimizer=adamw"]  # the optimizer of the other sides, also on CUDA
+    workers = []
+    try:
+        for side in sides:
+            spec = {"name": f"{name}-{side}", "side": side, "overrides": overrides,
+                    "data": str(work / "train.csv"), "val": str(work / "val.csv"),
+                    "labels": labels, "steps": steps, "threads": threads,
+                    "work": str(work / f"run-{name}-{side}")}
+            workers.append(_Worker(spec, work))
+        ready = [w.read() for w in workers]
+        records: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+        started = time.time()
+        for k in range(steps):
+            order = list(zip(sides, workers, strict=True))
+            for side, w in order if k % 2 == 0 else order[::-1]:  # ABBA: no side always first
+                records[side].append(w.step())
+            if progress:
+                print(f"\rbench train [{name}] step {k + 1}/{steps} "
+                      f"({time.time() - started:.0f} s)", end="", file=sys.stderr, flush=True)
+        ends = [w.read() for w in workers]
+        if progress:
+            print(file=sys.stderr)
+    finally:
+        for w in workers:
+            w.close()
+    cuda = ready[0].get("device", "cpu").startswith("cuda")
+    config = AutoConfig.from_pretrained(base)
+    run: dict[str, Any] = {"model": name, "vocab_size": config.vocab_size,
+                           "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+                           "device": ready[0].get("device"), "memory_kind":
+                           "cuda max_memory_allocated" if cuda else "process peak RSS",
+                           "sides": {s: _summarise(records[s], e, cuda)
+                                     for s, e in zip(sides, ends, strict=True)}}
+    if "medtune" in sides:
+        ours = run["sides"]["medtune"]
+        for other in [s for s in sides if s != "medtune"]:
+            theirs = run["sides"][other]
+            run[f"vs_{other}"] = {
+                "tokens_per_s_ratio": ours["tokens_per_s"] / max(theirs["tokens_per_s"], 1e-9),
+                "peak_memory_ratio": ours["peak_mb"] / max(theirs["peak_mb"], 1e-9),
+                "delta_memory_ratio": ours["delta_mb"] / max(theirs["delta_mb"], 1e-9)}
+    return run
+
+
+def _train_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    head = (f"## medtune bench train\n\n{r['steps']} steps x batch {r['batch_size']} "
+            f"({r['quantization']} base, LoRA r={r['lora_r']}), first {WARMUP} steps of each side "
+            f"not timed; sides stepped alternately, each in its own process. Machine: "
+            f"{m.get('cpus')} CPUs{', ' + m['gpu'] if m.get('gpu') else ''}, load average "
+            f"{m.get('load_avg_1m')} -> {m.get('load_avg_1m_end')}.\n\n")
+    rows = []
+    for run in r["runs"]:
+        for side, s in run["sides"].items():
+            rows.append([run["model"], run["vocab_size"], side, s["tokens_per_s"],
+                         s["step_s_median"], s["padding_fraction"], s["peak_mb"], s["delta_mb"],
+                         s["final_loss"]])
+    table = _md_table(["model", "vocab", "side", "tokens/s", "step s (median)", "padding",
+                       "peak MB", "train delta MB", "final loss"], rows)
+    ratios = []
+    for run in r["runs"]:
+        for key, v in run.items():
+            if key.startswith("vs_"):
+                ratios.append(f"- {run['model']}: medtune / {key[3:]}: tokens/s x"
+                              f"{v['tokens_per_s_ratio']:.2f}, peak memory x{v['peak_memory_ratio']:.2f}"
+                              f", memory added by training x{v['delta_memory_ratio']:.2f}")
+    note = ("\nMemory: " + (r["runs"][0]["memory_kind"] if r["runs"] else "") + "; 'train delta' = "
+            "peak during the steps minus the resident size once the model was loaded.\n")
+    return head + table + "\n" + "\n".join(ratios) + "\n" + note
+
+
+# ----------------------------------------------------------------------------- predict bench
+def _notes_for(labels: Sequence[str], n: int, seed: int):
+    """``n`` fresh synthetic notes whose gold label is one of ``labels``."""
+    import pandas as pd
+
+    from medtune.synth import synth_protocol
+
+    allowed, parts, got, k = set(labels), [], 0, 0
+    while got < n and k < 50:
+        df = synth_protocol(max(4 * n, 200), seed=seed + 1000 * k, imbalance=0.0)
+        df = df[df["label"].isin(allowed)]
+        parts.append(df)
+        got += len(df)
+        k += 1
+    if got < n:
+        raise MedtuneError(f"model labels {sorted(allowed)[:3]}...: no synthetic notes carry them "
+                           "(pass data=FILE with text and label columns)")
+    return pd.concat(parts).head(n).reset_index(drop=True)
+
+
+def _quick_model(work: Path, *, n_labels: int, n_train: int, base_steps: int, train_steps: int,
+                 seed: int, progress: bool) -> Path:
+    """The embedded architecture, pretrained ``base_steps`` steps (cached), then QLoRA-trained
+    ``train_steps`` steps on ``n_labels`` synthetic protocols."""
+    from medtune.base import BaseSpec, build_base
+    from medtune.config import load_config
+    from medtune.synth import PROTOCOLS
+    from medtune.train import train
+
+    labels = PROTOCOLS[:n_labels]
+    df = _notes_for(labels, n_train, seed)
+    df.to_csv(work / "train.csv", index=False)
+    base = build_base(list(df["text"]), spec=BaseSpec(steps=base_steps, seed=seed),
+                      extra_vocab_texts=labels, progress=progress)  # cached
+    cfg = load_config(None, [f"model.base={base}", "model.quantization=nf4", "lora.r=64",
+                             "lora.alpha=128", "lora.dropout=0", "train.lr=2e-3",
+                             "train.batch_size=16", f"train.max_steps={train_steps}",
+                             "train.warmup_steps=10", "train.eval_every=0",
+                             "train.eval_samples=100", "train.save_every=0", f"train.seed={seed}"])
+    return train(cfg, str(work / "train.csv"), work / "run", progress=progress)
+
+
+def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
+                  data: str | None = None, n_labels: int = 4, n_train: int = 2000,
+                  base_steps: int = 200, train_steps: int = 250, batch_size: int = 0, max_new_tokens: int = 16,
+                  temperature: float = 0.7, top_p: float = 0.9, chunk: int = 100,
+                  threads: int = 1, seed: int = 0, overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Notes/s and accuracy: constrained batch prediction vs per-note sampled generation.
+
+    model: a run / merged directory; without one, the embedded architecture is pretrained
+    ``base_steps`` steps (cached in MEDTUNE_CACHE) and QLoRA-trained ``train_steps`` steps on
+    ``n_labels`` synthetic protocols. data: a labelled file
+    (default: ``n`` fresh synthetic notes with the model's labels). The two sides take turns on
+    chunks of ``chunk`` notes."""
+    import torch
+
+    from medtune.config import PredictConfig
+    from medtune.generate import per_row_generate_baseline
+    from medtune.predict import Predictor
+
+    json_path, md_path = _outputs(output, "predict", overwrite)
+    if n < 1 or chunk < 1:
+        raise MedtuneError("n and chunk must be >= 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
+            t0 = time.time()
+            path = model or str(_quick_model(Path(tmp), n_labels=n_labels, n_train=n_train,
+                                             base_steps=base_steps, train_steps=train_steps,
+                                             seed=seed, progress=progress))
+            prep_s = time.time() - t0
+            predictor = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size))
+            if data:
+                from medtune.data import load_labeled
+
+                df = load_labeled(data, drop_empty=True).head(n)
+            else:
+                df = _notes_for(predictor.labels, n, seed + 1)
+            texts, gold = list(df["text"]), list(df["label"])
+            sides = _predict_sides(predictor, texts, chunk, progress, lambda part, k: (
+                per_row_generate_baseline(predictor, part, temperature=temperature, top_p=top_p,
+                                          max_new_tokens=max_new_tokens, seed=seed + k)))
+    finally:
+        torch.set_num_threads(before)
+    labels = set(predictor.labels)
+    result: dict[str, Any] = {"kind": "predict", "machine": _machine(), "n": len(texts),
+                              "model": model or "embedded base + QLoRA (quick)",
+                              "labels": len(labels), "threads": threads,
+                              "prepare_s": round(prep_s, 1), "sides": {}}
+    for side, (preds, seconds) in sides.items():
+        result["sides"][side] = {
+            "seconds": seconds, "notes_per_s": len(texts) / max(seconds, 1e-9),
+            "accuracy": sum(p == g for p, g in zip(preds, gold, strict=True)) / len(texts),
+            "in_label_set": sum(p in labels for p in preds) / len(texts)}
+    c, g = result["sides"]["constrained"], result["sides"]["generate"]
+    result["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    result["accuracy_gain"] = c["accuracy"] - g["accuracy"]
+    result["settings"] = {"generate": {"temperature": temperature, "top_p": top_p,
+                                       "max_new_tokens": max_new_tokens, "one note at a time": True},
+                          "constrained": {"batch_size": predictor.batch_size}}
+    md = _predict_markdown(result)
+    write_json(json_path, result)
+    write_text(md_path, md)
+    print(md)
+    return result
+
+
+def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
+                   generate) -> dict[str, tuple[list[str], float]]:
+    preds: dict[str, list[str]] = {"constrained": [], "generate": []}
+    seconds = {"constrained": 0.0, "generate": 0.0}
+    for k, start in enumerate(range(0, len(texts), chunk)):
+        part = texts[start:start + chunk]
+        order = ["constrained", "generate"] if k % 2 == 0 else ["generate", "constrained"]
+        for side in order:
+            t = time.perf_counter()
+            if side == "constrained":
+                out = [r["prediction"] for r in predictor.predict_texts(part)]
+            else:
+                out = generate(part, k)
+            seconds[side] += time.perf_counter() - t
+            preds[side] += out
+        if progress:
+            print(f"\rbench predict {min(len(texts), start + chunk)}/{len(texts)} notes", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return {s: (preds[s], seconds[s]) for s in preds}
+
+
+def _predict_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    head = (f"## medtune bench predict\n\n{r['n']} notes, {r['labels']} labels, model: "
+            f"{r['model']}; {r['threads']} thread(s), {m.get('cpus')} CPUs"
+            f"{', ' + m['gpu'] if m.get('gpu') else ''}, load average {m.get('load_avg_1m')}. "
+            "Sides alternate on chunks of notes.\n\n")
+    names = {"constrained": "constrained batch scoring (medtune)",
+             "generate": "per-note sampled generation (original)"}
+    rows = [[names[s], v["notes_per_s"], v["accuracy"], v["in_label_set"], v["seconds"]]
+            for s, v in r["sides"].items()]
+    table = _md_table(["side", "notes/s", "accuracy", "in label set", "seconds"], rows)
+    return (head + table + f"\nspeed-up x{r['speedup']:.1f}; accuracy "
+            f"{r['accuracy_gain']:+.3f} (constrained minus generation)\n")

@@ -1,0 +1,78 @@
+"""`medtune bench train|predict` in a tiny quick mode: result structure, the same data on both
+sides, finite losses, constrained predictions inside the label set. No timing assertions: the
+machine is shared and timings are what the benchmark reports, not what a test can promise."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from conftest import TINY_LABELS, TINY_NOTES
+from medtune.bench import bench_predict, bench_train
+from medtune.config import load_config
+from medtune.errors import MedtuneError
+from medtune.train import train
+
+STEPS, BATCH = 3, 4
+
+
+@pytest.fixture(scope="module")
+def train_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train")
+    return out, bench_train(out, steps=STEPS, batch_size=BATCH, vocab=["embedded"],
+                            sides=("medtune", "baseline"), lora_r=8, progress=False)
+
+
+def test_bench_train_structure_and_same_data_on_both_sides(train_result):
+    out, r = train_result
+    assert json.loads((out / "bench_train.json").read_text()) == json.loads(json.dumps(r))
+    md = (out / "bench_train.md").read_text()
+    assert "| embedded |" in md and "medtune / baseline" in md
+    (run,) = r["runs"]
+    assert run["model"] == "embedded" and run["vocab_size"] >= 256
+    ours, theirs = run["sides"]["medtune"], run["sides"]["baseline"]
+    for side in (ours, theirs):
+        assert side["steps"] == STEPS and len(side["losses"]) == STEPS
+        assert all(math.isfinite(x) and x > 0 for x in side["losses"])
+        assert side["tokens_per_s"] > 0 and side["peak_mb"] > 0 and side["delta_mb"] >= 0
+    # one epoch of the same STEPS x BATCH notes on each side: the same real tokens in total
+    assert ours["tokens_total"] == theirs["tokens_total"] > STEPS * BATCH
+    # sorting by length then cutting equal batches pads least of any split into equal batches
+    assert ours["padded_tokens_total"] <= theirs["padded_tokens_total"]
+    assert set(run["vs_baseline"]) == {"tokens_per_s_ratio", "peak_memory_ratio",
+                                       "delta_memory_ratio"}
+    assert all(v > 0 for v in run["vs_baseline"].values())
+
+
+def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):
+    out, _ = train_result
+    with pytest.raises(MedtuneError, match=r"bench_train\.json"):
+        bench_train(out, steps=1)
+    with pytest.raises(MedtuneError, match="sides"):
+        bench_train(tmp_path, sides=("medtune", "deepspeed"))
+
+
+def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path):
+    data = tmp_path / "notes.csv"
+    labels = ["CT Head", "MRI Brain", "CT Urography", "L-Spine"] * 2
+    pd.DataFrame({"id": [f"n{i}" for i in range(32)], "text": TINY_NOTES,
+                  "label": labels * 4}).to_csv(data, index=False)
+    assert set(labels) == set(TINY_LABELS)
+    cfg = load_config(None, [f"model.base={tiny_base}", "model.device=cpu", "lora.r=8",
+                             "train.batch_size=8", "train.max_steps=2", "train.eval_every=0",
+                             "train.eval_samples=4", "train.save_every=0"])
+    run = train(cfg, str(data), tmp_path / "run", progress=False)
+    r = bench_predict(tmp_path / "out", n=20, model=str(run), data=str(data), chunk=10,
+                      max_new_tokens=4, progress=False)
+    assert r["n"] == 20 and set(r["sides"]) == {"constrained", "generate"}
+    c, g = r["sides"]["constrained"], r["sides"]["generate"]
+    assert c["in_label_set"] == 1.0  # a constrained prediction is always one of the labels
+    assert 0.0 <= g["in_label_set"] <= 1.0
+    for side in (c, g):
+        assert 0.0 <= side["accuracy"] <= 1.0 and side["notes_per_s"] > 0
+    assert r["speedup"] == pytest.approx(c["notes_per_s"] / g["notes_per_s"])
+    assert json.loads((tmp_path / "out" / "bench_predict.json").read_text())["n"] == 20
+    assert "constrained batch scoring" in (tmp_path / "out" / "bench_predict.md").read_text()

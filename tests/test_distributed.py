@@ -1,0 +1,148 @@
+"""Data-parallel training on CPU: 2 processes (torchrun, and accelerate launch with the shipped
+config) must end with the adapter that one process gets from the same global batches, see every
+example of an uneven last batch, validate the same, and leave only rank 0's files behind.
+
+Both launches start at once in a module fixture (they run while the single-process references
+train in this process), each process on one thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_NOTES
+from medtune.config import load_config
+from medtune.train import all_reduce_grads_, rank_share, train
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD, BODY = [TINY_NOTES[i] for i in (0, 1, 4, 5)], [TINY_NOTES[i] for i in (2, 3, 6, 7)]
+TOL = 1e-4
+# batch 4 over 2 ranks; every step is 2 + 2 except the last of the epoch:
+#   13 rows -> last batch of 1: rank 1 gets nothing that step (still joins every collective)
+#   15 rows -> last batch of 3: 2 + 1 (the old split dropped the third example)
+COMMON = ["model.device=cpu", "lora.r=8", "lora.dropout=0", "train.batch_size=4",
+          "train.epochs=1", "train.lr=5e-3", "train.warmup_steps=0", "train.eval_every=2",
+          "train.eval_samples=8", "train.log_every=1", "train.save_every=2",
+          "train.keep_checkpoints=5"]
+CASES = {"nf4": ("torchrun", 13), "none": ("accelerate", 15)}
+
+
+def _rows(n: int, prefix: str) -> pd.DataFrame:
+    notes, labels = HEAD + BODY, ["CT Head"] * 4 + ["L-Spine"] * 4
+    return pd.DataFrame({"id": [f"{prefix}{i}" for i in range(n)],
+                         "text": [f"{notes[i % 8]} visit {i}" for i in range(n)],
+                         "label": [labels[i % 8] for i in range(n)]})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(launcher: str, nproc: int, args: list[str], log: Path) -> subprocess.Popen:
+    port = str(_free_port())
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", port, "-m", "medtune", "train", *args]
+    else:  # the shipped accelerate config (MULTI_GPU) on CPU: model.device=cpu -> gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", str(nproc),
+               "--main_process_port", port, "-m", "medtune", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)  # a hung run is killed with its ranks
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_base, tmp_path_factory):
+    """{quantization: (two-process run dir, one-process run dir, launcher log)}."""
+    root = tmp_path_factory.mktemp("ddp")
+    val = root / "val.csv"
+    _rows(8, "v").to_csv(val, index=False)
+    procs, out = {}, {}
+    for quant, (launcher, n) in CASES.items():
+        data = root / f"train{n}.csv"
+        _rows(n, "r").to_csv(data, index=False)
+        overrides = [f"model.base={tiny_base}", f"model.quantization={quant}", *COMMON]
+        multi, log = root / f"multi-{quant}", root / f"{quant}.log"
+        procs[quant] = _launch(launcher, 2, ["--data", str(data), "--val", str(val),
+                                             "--output", str(multi), *overrides], log)
+        single = train(load_config(None, overrides), str(data), root / f"single-{quant}",
+                       val=str(val), progress=False)
+        out[quant] = (multi, single, log)
+    for quant, proc in procs.items():
+        try:
+            code = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:  # a collective that never completes: a hang
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = "timeout"
+        assert code == 0, f"{quant}: launcher exited {code}\n{out[quant][2].read_text()[-3000:]}"
+    return out
+
+
+def _metrics(run: Path) -> pd.DataFrame:
+    return pd.read_json(run / "metrics.jsonl", lines=True)
+
+
+# ----------------------------------------------------------------------------- unit
+def test_rank_share_covers_every_example_once_with_near_equal_shares():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 4):
+            parts = [rank_share(list(range(100, 100 + n)), r, world) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(100, 100 + n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert rank_share([7, 8, 9], 0, 2) == [7] and rank_share([7, 8, 9], 1, 2) == [8, 9]
+    assert rank_share([5], 0, 2) == [] and rank_share([5], 1, 2) == [5]
+
+
+def test_all_reduce_grads_is_a_no_op_without_a_process_group():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    all_reduce_grads_([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+# ----------------------------------------------------------------------------- two processes
+@pytest.mark.parametrize("quant", list(CASES))
+def test_two_processes_train_the_same_adapter_as_one(runs, quant):
+    multi, single, _ = runs[quant]
+    a = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k)
+    assert moved > 100 * TOL  # B starts at zero: the comparison below is not trivially true
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < TOL, f"{quant}: adapters differ by {worst}"
+
+
+@pytest.mark.parametrize("quant", list(CASES))
+def test_loss_and_validation_match_and_only_rank0_wrote(runs, quant):
+    multi, single, _ = runs[quant]
+    m, s = _metrics(multi), _metrics(single)
+    # one row per step and per evaluation: a second writer would duplicate them
+    train_m, train_s = m[m["loss"].notna()], s[s["loss"].notna()]
+    assert train_m["step"].tolist() == train_s["step"].tolist() == [1, 2, 3, 4]
+    assert np.abs(train_m["loss"].to_numpy() - train_s["loss"].to_numpy()).max() < 1e-4
+    val_m, val_s = m[m["val_loss"].notna()], s[s["val_loss"].notna()]
+    assert val_m["step"].tolist() == val_s["step"].tolist() == [2, 4]
+    assert np.abs(val_m["val_loss"].to_numpy() - val_s["val_loss"].to_numpy()).max() < 1e-4
+    assert val_m["val_accuracy"].tolist() == val_s["val_accuracy"].tolist()
+    ckpts = sorted(p.name for p in (multi / "checkpoints").iterdir())
+    assert ckpts == ["step-0000002", "step-0000004"]
+    assert all((multi / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
+    assert not [p for p in multi.rglob("*") if p.name.endswith(".tmp") or ".old" in p.name]
+    assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())

@@ -1,0 +1,197 @@
+"""`medtune evaluate`: report files, before/after table, isolated memory, bits/param, MCQA."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+
+import pandas as pd
+import pytest
+
+from conftest import TINY_LABELS, TINY_NOTES
+from medtune.config import PredictConfig
+from medtune.errors import MedtuneError
+from medtune.evaluate import evaluate, measure, measure_isolated, weight_stats
+from medtune.tasks import Template, default_template
+from medtune.tasks.mcqa import LETTERS
+
+GOLD = [TINY_LABELS[i % 4] for i in range(8)]  # TINY_NOTES' 8 distinct notes, one label each
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tmp_path_factory, tiny_base):
+    d = tmp_path_factory.mktemp("eval") / "model"
+    shutil.copytree(tiny_base, d)
+    (d / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "protocol"}))
+    (d / "labels.json").write_text(json.dumps({"task": "protocol", "labels": TINY_LABELS}))
+    Template(task="protocol", kind="plain", labels=TINY_LABELS).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    """test.csv: the 8 distinct notes; train.csv next to it: 2 of them again (leakage) + others."""
+    d = tmp_path_factory.mktemp("splits")
+    pd.DataFrame({"text": TINY_NOTES[:8], "label": GOLD}).to_csv(d / "test.csv", index=False)
+    train = [f"{note} (follow-up {i})" for i, note in enumerate(TINY_NOTES[:8])] + TINY_NOTES[:2]
+    pd.DataFrame({"text": train, "label": GOLD + GOLD[:2]}).to_csv(d / "train.csv", index=False)
+    return d
+
+
+def test_report_with_zero_shot_and_tfidf_baselines(merged_dir, tiny_base, splits, tmp_path):
+    from medtune.evaluate import _rss_mb
+
+    out = tmp_path / "report"
+    # ballast: a child process must not inherit this process's high-water mark (ru_maxrss does)
+    ballast = bytearray(1200 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: resident
+    try:
+        parent = _rss_mb("VmRSS")
+        m = evaluate(str(merged_dir), str(splits / "test.csv"), str(out),
+                     baseline=[str(tiny_base), "tfidf"], isolate=True, similarity=True)
+    finally:
+        del ballast
+    assert parent > 1200
+    for name in ("metrics.json", "report.md", "report.html", "comparison.json",
+                 "confusion.png", "reliability.png", "coverage.png", "comparison.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.png.png"))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n"] == 8 and saved["outside_label_set"] == 0  # constrained: always a label
+    assert saved["accuracy"] == pytest.approx(m["accuracy"])
+    assert saved["leakage"]["test_rows_also_in_train"] == 2
+
+    rows = {r["model"]: r for r in m["comparison"]}
+    assert list(rows) == ["fine-tuned", f"base (zero-shot): {tiny_base.name}",
+                          "TF-IDF + logistic regression"]
+    for name in list(rows)[:2]:  # both LLMs measured in their own process
+        r = rows[name]
+        assert r["bits_per_param"] == pytest.approx(32.0)  # fp32 weights
+        assert r["quantized_bits_per_param"] is None
+        assert r["params"] > 100_000 and r["size_mb"] > 0.3
+        assert 50 < r["peak_memory_mb"] < parent - 600 and r["latency_p50_ms"] > 0
+        assert 0 <= r["model_memory_mb"] <= r["peak_memory_mb"]
+        assert 0 <= r["semantic_similarity"] <= 1
+    assert rows["TF-IDF + logistic regression"]["accuracy"] >= 0.25
+
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "## Model card" in md and "Intended use" in md and "Leakage" in md
+    assert "LEAKAGE: 2 of 8" in md and "TF-IDF" in md
+    # self-contained: every plot embedded as a data URI that decodes to the written PNG
+    assert not re.search(r"(src|href)=\"(https?:|//|[^\"d#][^\"]*\.png)", page)
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == len(list(out.glob("*.png")))
+    assert base64.b64decode(images[0]) == (out / "confusion.png").read_bytes()
+    assert "<script" not in page and "Model card" in page
+
+
+def test_isolated_worker_reports_errors(tmp_path):
+    with pytest.raises(MedtuneError, match=f"measuring {re.escape(str(tmp_path))}: TypeError"):
+        measure_isolated(model=str(tmp_path), texts=["x"], bogus=1)
+
+
+def test_bits_per_param_nf4_and_8bit(merged_dir):
+    fp = measure(str(merged_dir), TINY_NOTES[:2], labels=None, task="protocol",
+                 cfg=PredictConfig())
+    nf4 = measure(str(merged_dir), TINY_NOTES[:2], labels=None, task="protocol",
+                  cfg=PredictConfig(), quantization="nf4")
+    assert fp["bits_per_param"] == pytest.approx(32.0) and fp["quantized_params"] == 0
+    assert nf4["params"] == fp["params"]  # logical count, not packed storage
+    # tiny 64-wide layers: 4 + 8/64 + one fp32 nested absmax and offset per layer
+    assert 4.12 < nf4["quantized_bits_per_param"] < 4.15
+    assert 4.2 < nf4["bits_per_param"] < 32  # embeddings and norms stay fp32
+    assert nf4["rows"][0]["prediction"] in TINY_LABELS
+
+
+def test_nf4_double_quant_is_4_127_bits_on_a_wider_layer(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medtune.model import ModelConfig, load_base_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024,
+                      num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    model = load_base_model(str(tmp_path), ModelConfig(device="cpu"), quantization="nf4")
+    stats = weight_stats(model)
+    # 4 + 8/64 + 32/(64*256) = 4.127 bits; plus one fp32 offset per layer
+    assert stats["quantized_bits_per_param"] == pytest.approx(4.127, abs=0.001)
+    eight = weight_stats(load_base_model(str(tmp_path), ModelConfig(device="cpu"),
+                                         quantization="8bit"))
+    # int8 + one fp32 scale per output row: 8 + 32/in_features (512 or 1024 here)
+    assert 8.03 < eight["quantized_bits_per_param"] < 8.07
+
+
+def test_mcqa_by_subject_and_difficulty(tiny_base, tmp_path):
+    from medtune.model import load_tokenizer
+    from medtune.synth import synth_mcqa
+
+    model = tmp_path / "mcqa"
+    shutil.copytree(tiny_base, model)
+    default_template("mcqa", load_tokenizer(model), LETTERS, "plain").save(model)
+    (model / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "mcqa"}))
+    (model / "labels.json").write_text(json.dumps({"task": "mcqa", "labels": LETTERS}))
+    df = synth_mcqa(12, seed=5)
+    data = tmp_path / "test.jsonl"
+    df.to_json(data, orient="records", lines=True)
+    m = evaluate(str(model), str(data), str(tmp_path / "report"), baseline=[str(tiny_base),
+                 "tfidf"], isolate=False, similarity=False)
+    assert m["task"] == "mcqa" and m["outside_label_set"] == 0
+    by_subject = m["mcqa"]["by_subject"]
+    assert set(by_subject) == set(df["subject_name"])
+    assert sum(v["n"] for v in by_subject.values()) == 12
+    by_diff = m["mcqa"]["by_difficulty"]
+    assert {k: v["n"] for k, v in by_diff.items()} == {"easy": 4, "hard": 4, "medium": 4}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "by_difficulty" in md and "TF-IDF baseline skipped" in md
+    assert [r["model"] for r in m["comparison"]] == ["fine-tuned",
+                                                     f"base (zero-shot): {tiny_base.name}"]
+
+
+def test_generate_mode_counts_outside_label_set(merged_dir, splits, tmp_path):
+    m = evaluate(str(merged_dir), str(splits / "test.csv"), str(tmp_path / "r"),
+                 cfg=PredictConfig(mode="generate", max_new_tokens=3), isolate=False,
+                 similarity=False)
+    assert "ece" not in m  # no confidence without constrained scoring
+    assert 0 <= m["outside_label_set"] <= 8
+    assert m["accuracy"] <= 1 - m["outside_label_set"] / 8
+
+
+def test_bad_inputs_fail_before_loading_models(merged_dir, splits, tmp_path):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(splits / "test.csv", lone / "test.csv")
+    with pytest.raises(MedtuneError, match="--baseline tfidf needs --train-data"):
+        evaluate(str(merged_dir), str(lone / "test.csv"), str(tmp_path / "a"),
+                 baseline=["tfidf"], isolate=False, similarity=False)
+    with pytest.raises(MedtuneError, match="not a model directory"):
+        evaluate(str(merged_dir), str(lone / "test.csv"), str(tmp_path / "b"),
+                 baseline=[str(tmp_path / "missing")], isolate=False, similarity=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(MedtuneError, match="not empty"):
+        evaluate(str(merged_dir), str(lone / "test.csv"), str(busy), isolate=False,
+                 similarity=False)
+
+
+def test_overwrite_replaces_the_report_and_failure_leaves_nothing(merged_dir, splits,
+                                                                   tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"old")  # a previous report's training curve
+    evaluate(str(merged_dir), str(splits / "test.csv"), str(out), overwrite=True,
+             isolate=False, similarity=False)
+    assert not (out / "loss.png").exists() and (out / "report.html").is_file()
+    broken = tmp_path / "broken"
+    shutil.copytree(merged_dir, broken)
+    (broken / "labels.json").unlink()
+    with pytest.raises(MedtuneError, match="labels"):
+        evaluate(str(broken), str(splits / "test.csv"), str(tmp_path / "new"), isolate=False,
+                 similarity=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "r"]
