@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from medtune.predict_io import iter_records
 LIMIT = 2_000  # max_field_bytes in these tests: "huge" fields stay cheap
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-WORK = Path(tempfile.mkdtemp(prefix="medtune-fuzz-"))
 _names = itertools.count()
 
 COLUMNS = ["text", "label", "id", "input", "radiology_labels", "note", "question", "opa", "opb",
@@ -55,8 +53,13 @@ READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
 }
 
 
-def check_readers(content: bytes, suffix: str) -> None:
-    path = WORK / f"f{next(_names)}{suffix}"
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def check_readers(work: Path, content: bytes, suffix: str) -> None:
+    path = work / f"f{next(_names)}{suffix}"
     path.write_bytes(content)
     try:
         for name, read in READERS.items():
@@ -152,8 +155,8 @@ def parquet_bytes(draw) -> bytes:
 @FUZZ
 @given(st.binary(max_size=400), st.sampled_from([".csv", ".tsv", ".txt", ".jsonl", ".json",
                                                  ".parquet"]))
-def test_random_bytes(content, suffix):
-    check_readers(content, suffix)
+def test_random_bytes(work, content, suffix):
+    check_readers(work, content, suffix)
 
 
 @FUZZ
@@ -165,8 +168,8 @@ def test_random_bytes(content, suffix):
 @example(b'text,label\n"never closed,x\n', ".csv")
 @example(b"question,opa,opb,opc,opd,cop\nq,a,b,c,d,inf\n", ".csv")
 @example(b"question,opa,opb,opc,opd,cop\nq,a,b,c,d," + b"9" * 5000 + b"\n", ".csv")
-def test_delimited_tables(content, suffix):
-    check_readers(content, suffix)
+def test_delimited_tables(work, content, suffix):
+    check_readers(work, content, suffix)
 
 
 @FUZZ
@@ -174,14 +177,14 @@ def test_delimited_tables(content, suffix):
 @example(b'{"\\n": "a", "x\\u0000\\r": "b"}\n', ".jsonl")  # control characters in column names
 @example(b'[{"text": ' + b"[" * 3000 + b"]" * 3000 + b"}]", ".json")  # too deep, in an array
 @example(b'[{"text": "\\udc00", "label": "a"}]', ".json")  # lone surrogate, in an array
-def test_json_records(content, suffix):
-    check_readers(content, suffix)
+def test_json_records(work, content, suffix):
+    check_readers(work, content, suffix)
 
 
 @FUZZ
 @given(parquet_bytes())
-def test_parquet_files(content):
-    check_readers(content, ".parquet")
+def test_parquet_files(work, content):
+    check_readers(work, content, ".parquet")
 
 
 # ------------------------------------------------------------------------------ predictor

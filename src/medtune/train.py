@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from medtune import checkpoint as ckpt
 from medtune.batching import (
-    IGNORE,
     Example,
     collate,
     encode_examples,
@@ -45,97 +43,21 @@ from medtune.model import (
     load_tokenizer,
     resolve_device,
 )
+from medtune.optim import _is_oom, make_optimizer, make_scheduler, param_groups
+from medtune.sft import (
+    all_reduce_,
+    all_reduce_grads_,
+    barrier,
+    broadcast_trainable_,
+    end_distributed,
+    init_distributed,
+    rank_share,
+    supervised_loss,
+    unwrap,
+)
 from medtune.tasks import default_template
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-# ----------------------------------------------------------------------------- loss
-def unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def supervised_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropy over supervised positions, computing the head only there."""
-    base = unwrap(model)
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    sel = hidden[:, :-1][keep]
-    logits = base.get_output_embeddings()(sel).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
-
-
-# ----------------------------------------------------------------------------- distributed
-def dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-_OWN_GROUP = {"flag": False}  # True when this module created the process group (and ends it)
-
-
-def init_distributed(device: str) -> tuple[int, int]:
-    rank, world = dist_info()
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "").lower() in ("1", "true"):  # would be silently ignored
-            raise MedtuneError(f"{var} is set: medtune's trainer is data-parallel only and does not "
-                               f"shard with {what}; launch with configs/accelerate/ddp.yaml "
-                               "(docs/DISTRIBUTED.md)")
-    if world > 1 and not torch.distributed.is_initialized():
-        if device == "cuda":  # before the group: NCCL binds each rank to its own GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        _OWN_GROUP["flag"] = True
-    return rank, world
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def barrier() -> None:
-    if _distributed():
-        torch.distributed.barrier()
-
-
-def rank_share(indices: list[int], rank: int, world: int) -> list[int]:
-    """This rank's contiguous slice of a global batch. Slice sizes differ by at most one, so an
-    uneven last batch (7 examples on 2 ranks: 4 + 3) loses nothing; a rank may get none."""
-    n = len(indices)
-    return indices[rank * n // world:(rank + 1) * n // world]
-
-
-def all_reduce_grads_(params: list[torch.Tensor]) -> None:
-    """Sum gradients over ranks in one flat buffer (one collective per step, not per tensor). A
-    rank whose share of the batch was empty contributes zeros: every rank joins the collective."""
-    if not _distributed():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
-
-
-def broadcast_trainable_(model) -> None:
-    """Start every rank from rank 0's trainable weights (LoRA init), whatever each rank's RNG did."""
-    if _distributed():
-        for p in model.parameters():
-            if p.requires_grad:
-                torch.distributed.broadcast(p.data, src=0)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -255,58 +177,6 @@ def _keep_4bit_training_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-# ----------------------------------------------------------------------------- optimizer
-def param_groups(model, cfg: Config) -> list[dict[str, Any]]:
-    """Trainable parameters; with lora.plus_ratio > 0 the LoRA B matrices get lr x ratio (LoRA+)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ratio = cfg.lora.plus_ratio
-    if not ratio or not cfg.lora.enabled:
-        return [{"params": [p for _, p in named], "lr": cfg.train.lr}]
-    b = [p for n, p in named if "lora_B" in n]
-    rest = [p for n, p in named if "lora_B" not in n]
-    return [{"params": rest, "lr": cfg.train.lr}, {"params": b, "lr": cfg.train.lr * ratio}]
-
-
-def make_optimizer(groups, cfg: Config, device: str):
-    name = cfg.train.optimizer
-    if name == "auto":
-        name = "paged_adamw8bit" if device == "cuda" else "adamw"
-    wd = cfg.train.weight_decay
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=wd)
-    import bitsandbytes as bnb
-
-    if name == "paged_adamw8bit":
-        return bnb.optim.PagedAdamW8bit(groups, lr=cfg.train.lr, weight_decay=wd)
-    if name == "adamw8bit":
-        return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr, weight_decay=wd)
-    raise MedtuneError(f"train.optimizer: unknown '{name}' (auto, adamw, adamw8bit, paged_adamw8bit)")
-
-
-def make_scheduler(optimizer, cfg: Config, total: int):
-    warm = cfg.train.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        if cfg.train.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if cfg.train.scheduler == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    if cfg.train.scheduler not in ("cosine", "linear", "constant"):
-        raise MedtuneError(f"train.scheduler: unknown '{cfg.train.scheduler}' (cosine, linear, constant)")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or \
-        "can't allocate memory" in text
 
 
 # ----------------------------------------------------------------------------- fit
@@ -574,9 +444,7 @@ def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     summary["train_seconds"] = round(time.time() - t0, 2)
     out = save(s, summary)
     barrier()
-    if _OWN_GROUP["flag"]:
-        torch.distributed.destroy_process_group()
-        _OWN_GROUP["flag"] = False
+    end_distributed()
     return out
 
 
