@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from medtune.scoring import truncate_prompt
+from medtune.tasks.mcqa import LETTERS, choice_ids
 
 IGNORE = -100
 
@@ -27,6 +28,13 @@ class Example:
 def encode_examples(template, tokenizer, texts: Sequence[str], answers: Sequence[str],
                     max_length: int) -> list[Example]:
     out = []
+    if template.task == "mcqa":  # lm-eval's tokenization: context + " A" encoded jointly
+        for text, answer in zip(texts, answers, strict=True):
+            ctx, conts = choice_ids(tokenizer, template, text, LETTERS)
+            ans = [*conts[LETTERS.index(answer)], tokenizer.eos_token_id]
+            ctx = truncate_prompt(ctx, max(8, max_length - len(ans)))
+            out.append(Example(input_ids=ctx + ans, n_prompt=len(ctx)))
+        return out
     for text, answer in zip(texts, answers, strict=True):
         ans = template.answer_ids(tokenizer, answer)
         prompt = truncate_prompt(template.prompt_ids(tokenizer, text), max(8, max_length - len(ans)))

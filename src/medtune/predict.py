@@ -33,6 +33,7 @@ from medtune.generate import generate_batch, generation_rows, per_row_generate_b
 from medtune.model import Loaded, load_for_inference, model_device
 from medtune.predict_io import ChunkWriter, iter_records, output_format, progress_bar, rows_frame
 from medtune.scoring import score_tree, truncate_prompt
+from medtune.tasks.mcqa import choice_ids
 
 __all__ = ["Predictor", "per_row_generate_baseline", "predict_file"]
 
@@ -209,36 +210,6 @@ def _valid_text(text: Any) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return text
-
-
-def choice_ids(tokenizer: Any, template: Any, text: str,
-               choices: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """(context ids, one id list per choice) by lm-eval-harness's rule for causal models.
-
-    context = the prompt without trailing whitespace; each choice = that whitespace + the
-    choice; context + choice is encoded as ONE string and the choice's ids are what follows the
-    context's token count (so "Answer: A" may end in one " A" token). The plain template's BOS
-    is prepended as ``Template.prompt_ids`` does. Leading ids common to every choice join the
-    context (the same constant for every choice: argmax and softmax are unchanged)."""
-    prompt = template.prompt_text(tokenizer, text)
-    context = prompt.rstrip()
-    moved = prompt[len(context):]
-    ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"])
-    conts = [list(tokenizer(context + moved + c, add_special_tokens=False)["input_ids"])[len(ctx):]
-             for c in choices]
-    shared = 0
-    while (all(len(c) > shared + 1 for c in conts)
-           and len({c[shared] for c in conts}) == 1):
-        shared += 1
-    ctx += conts[0][:shared]
-    conts = [c[shared:] for c in conts]
-    if not all(conts):
-        raise MedtuneError("a choice encodes to no tokens after the prompt (tokenizer merges "
-                           "it into the prompt); change the template's answer cue")
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if template.kind == "plain" and bos is not None and (not ctx or ctx[0] != bos):
-        ctx = [bos, *ctx]
-    return ctx, conts
 
 
 def _context_limit(loaded: Loaded) -> int | None:
