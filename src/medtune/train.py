@@ -356,6 +356,8 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                     if ev:
                         last.update(ev)
                         _log(s, {"step": done, **ev}, callbacks)
+                if s.world == 1 and stop["flag"]:  # a request that came in during this step
+                    halt = True
                 if s.rank == 0 and ((tc.save_every and done % tc.save_every == 0) or done == total
                                     or halt):
                     ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
