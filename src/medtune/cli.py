@@ -164,13 +164,14 @@ def base_build(
     text_column: TextCol = None,
     steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 600,
     seed: int = 0,
+    overwrite: Overwrite = False,
 ) -> None:
     """Build the embedded tiny base (BPE tokenizer + small Llama, pretrained on the notes)."""
     from medtune.base import BaseSpec, build_base
     from medtune.data import load_labeled
 
     df = load_labeled(data, text_column=text_column, require_labels=False, drop_empty=True)
-    path = build_base(list(df["text"]), output, BaseSpec(steps=steps, seed=seed))
+    path = build_base(list(df["text"]), output, BaseSpec(steps=steps, seed=seed), overwrite=overwrite)
     print(path)
 
 
