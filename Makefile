@@ -30,8 +30,8 @@ test: lint
 	$(BIN)/python -m pytest -q --timeout=900
 
 bench: setup
-	$(BIN)/medtune bench train --output runs/bench
-	$(BIN)/medtune bench predict --output runs/bench
+	$(BIN)/medtune bench train --output runs/bench --overwrite
+	$(BIN)/medtune bench predict --output runs/bench --overwrite
 
 clean:
 	rm -rf runs .cache .pytest_cache .ruff_cache

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,24 +73,30 @@ def runs(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     val = root / "val.csv"
     _rows(8, "v").to_csv(val, index=False)
-    procs, out = {}, {}
-    for quant, (launcher, n) in CASES.items():
-        data = root / f"train{n}.csv"
-        _rows(n, "r").to_csv(data, index=False)
-        overrides = [f"model.base={tiny_base}", f"model.quantization={quant}", *COMMON]
-        multi, log = root / f"multi-{quant}", root / f"{quant}.log"
-        procs[quant] = _launch(launcher, 2, ["--data", str(data), "--val", str(val),
-                                             "--output", str(multi), *overrides], log)
-        single = train(load_config(None, overrides), str(data), root / f"single-{quant}",
-                       val=str(val), progress=False)
-        out[quant] = (multi, single, log)
-    for quant, proc in procs.items():
-        try:
-            code = proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:  # a collective that never completes: a hang
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = "timeout"
+    procs, out, codes = {}, {}, {}
+    try:
+        for quant, (launcher, n) in CASES.items():
+            data = root / f"train{n}.csv"
+            _rows(n, "r").to_csv(data, index=False)
+            overrides = [f"model.base={tiny_base}", f"model.quantization={quant}", *COMMON]
+            multi, log = root / f"multi-{quant}", root / f"{quant}.log"
+            procs[quant] = _launch(launcher, 2, ["--data", str(data), "--val", str(val),
+                                                 "--output", str(multi), *overrides], log)
+            single = train(load_config(None, overrides), str(data), root / f"single-{quant}",
+                           val=str(val), progress=False)
+            out[quant] = (multi, single, log)
+        deadline = time.monotonic() + 180
+        for quant, proc in procs.items():
+            try:
+                codes[quant] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # a collective that never completes: a hang
+                codes[quant] = "timeout"
+    finally:
+        for proc in procs.values():  # never leave ranks behind
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for quant, code in codes.items():
         assert code == 0, f"{quant}: launcher exited {code}\n{out[quant][2].read_text()[-3000:]}"
     return out
 

@@ -116,9 +116,9 @@ class _Worker:
         self.log = work / f"{spec['name']}.log"
         self.name = spec["name"]
         with open(self.log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "medtune.bench_baseline", str(path)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                         text=True, bufsize=1)
+            cmd = [sys.executable, "-m", "medtune.bench_baseline", str(path)]
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err, text=True, bufsize=1)
 
     def read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -279,8 +279,9 @@ def _train_markdown(r: dict[str, Any]) -> str:
         for key, v in run.items():
             if key.startswith("vs_"):
                 ratios.append(f"- {run['model']}: medtune / {key[3:]}: tokens/s x"
-                              f"{v['tokens_per_s_ratio']:.2f}, peak memory x{v['peak_memory_ratio']:.2f}"
-                              f", memory added by training x{v['delta_memory_ratio']:.2f}")
+                              f"{v['tokens_per_s_ratio']:.2f}, peak memory x"
+                              f"{v['peak_memory_ratio']:.2f}, memory added by training x"
+                              f"{v['delta_memory_ratio']:.2f}")
     note = ("\nMemory: " + (r["runs"][0]["memory_kind"] if r["runs"] else "") + "; 'train delta' = "
             "peak during the steps minus the resident size once the model was loaded.\n")
     return head + table + "\n" + "\n".join(ratios) + "\n" + note
@@ -330,8 +331,9 @@ def _quick_model(work: Path, *, n_labels: int, n_train: int, base_steps: int, tr
 
 def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                   data: str | None = None, n_labels: int = 4, n_train: int = 2000,
-                  base_steps: int = 200, train_steps: int = 250, batch_size: int = 0, max_new_tokens: int = 16,
-                  temperature: float = 0.7, top_p: float = 0.9, chunk: int = 100,
+                  base_steps: int = 200, train_steps: int = 250, batch_size: int = 0,
+                  max_new_tokens: int = 16, temperature: float = 0.7, top_p: float = 0.9,
+                  chunk: int = 100,
                   threads: int = 1, seed: int = 0, overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Notes/s and accuracy: constrained batch prediction vs per-note sampled generation.
@@ -386,7 +388,8 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     result["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
     result["accuracy_gain"] = c["accuracy"] - g["accuracy"]
     result["settings"] = {"generate": {"temperature": temperature, "top_p": top_p,
-                                       "max_new_tokens": max_new_tokens, "one note at a time": True},
+                                       "max_new_tokens": max_new_tokens,
+                                       "one note at a time": True},
                           "constrained": {"batch_size": predictor.batch_size}}
     md = _predict_markdown(result)
     write_json(json_path, result)

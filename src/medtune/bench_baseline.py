@@ -202,9 +202,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     cfg, model, tok, template, device = _load_peft(spec)
     tc = cfg.train
     data = _examples(spec, tok, template, tc.max_length)
-    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in data],
-                            "completion_mask": [[0] * e.n_prompt + [1] * (len(e.input_ids) - e.n_prompt)
-                                                for e in data]})
+    masks = [[0] * e.n_prompt + [1] * (len(e.input_ids) - e.n_prompt) for e in data]
+    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in data], "completion_mask": masks})
     args = SFTConfig(
         output_dir=str(Path(spec["work"]) / "trl"), per_device_train_batch_size=tc.batch_size,
         max_steps=spec["steps"], learning_rate=tc.lr, lr_scheduler_type="cosine",

@@ -5,6 +5,7 @@ the traceback)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -209,7 +210,8 @@ def train_cmd(
 
     summ = read_summary(run)
     acc = summ.get("val_accuracy")
-    print(f"run saved to {run}" + (f" (val accuracy {acc:.3f})" if acc is not None else ""))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run saved to {run}" + (f" (val accuracy {acc:.3f})" if acc is not None else ""))
 
 
 @app.command("merge")
@@ -373,6 +375,39 @@ def serve_cmd(
         max_batch=max_batch,
         max_concurrency=max_concurrency,
     )
+
+
+# ----------------------------------------------------------------------------- benchmarks
+bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side benchmarks (one run, ratios printed).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/bench"),
+    steps: int = 20,
+    vocab: Annotated[str, typer.Option(help="Comma list: embedded, 32000, 256000.")] = "embedded,32000",
+    sides: Annotated[str, typer.Option(help="Comma list: medtune, baseline, trl.")] = "medtune,baseline",
+    overwrite: Overwrite = False,
+) -> None:
+    """medtune's trainer vs a full-vocabulary-logits baseline: tokens/s, step time, peak memory, loss."""
+    from medtune.bench import bench_train
+
+    bench_train(output, steps=steps, vocab=vocab, sides=sides, overwrite=overwrite)
+
+
+@bench_app.command("predict")
+def bench_predict_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/bench"),
+    n: Annotated[int, typer.Option(help="Notes to predict.")] = 500,
+    model: Annotated[str | None, typer.Option(help="Existing run/merged dir (default: a quick model).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Labelled notes (default: synthetic).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Constrained batch prediction vs per-note sampled generation: notes/s and accuracy."""
+    from medtune.bench import bench_predict
+
+    bench_predict(output, n=n, model=model, data=str(data) if data else None, overwrite=overwrite)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Every problem with the input raises DataError with one line naming the file, the row and the
 column. Note text never appears in a message: it may hold PHI.
 
-``split_data`` (medtune.datacard) and ``inspect_data`` / ``render_inspect`` (medtune.inspect)
+``split_data`` (medtune.datacard) and ``inspect_data`` / ``render_inspect`` (medtune.datainspect)
 are importable from here too.
 """
 
@@ -45,9 +45,9 @@ def __getattr__(name: str) -> Any:
 
         return split_data
     if name in ("inspect_data", "render_inspect"):
-        from medtune import inspect
+        from medtune import datainspect
 
-        return getattr(inspect, name)
+        return getattr(datainspect, name)
     raise AttributeError(f"module 'medtune.data' has no attribute '{name}'")
 
 
