@@ -51,7 +51,7 @@ def test_merged_model_matches_base_plus_adapter(qlora_run, tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    report = merge(qlora_run, out)
+    report = merge(qlora_run, out, source="original")
     assert report["tolerance"] <= 1e-3
     assert report["max_abs_logit_diff_vs_adapter"] < report["tolerance"]
     q_diff = report["max_abs_logit_diff_vs_quantized_training_model"]
@@ -97,3 +97,14 @@ def test_merge_refuses_to_overwrite_and_rejects_unknown_dtype(qlora_run, tmp_pat
     assert (out / "keep.txt").read_text() == "x"
     with pytest.raises(MedtuneError, match="dtype"):
         merge(qlora_run, tmp_path / "other", dtype="float8")
+
+
+def test_default_merge_uses_the_dequantized_weights_the_adapter_was_trained_on(qlora_run, tmp_path):
+    """Merging into the dequantized NF4 weights reproduces the 4-bit training model more closely
+    than merging into the original full-precision checkpoint."""
+    deq = merge(qlora_run, tmp_path / "deq")
+    orig = merge(qlora_run, tmp_path / "orig", source="original")
+    assert deq["source"] == "dequantized" and orig["source"] == "original"
+    assert deq["max_abs_logit_diff_vs_adapter"] < deq["tolerance"]
+    assert (deq["max_abs_logit_diff_vs_quantized_training_model"]
+            < orig["max_abs_logit_diff_vs_quantized_training_model"])
