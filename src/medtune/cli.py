@@ -336,6 +336,29 @@ def demo_cmd(
     run_demo(output, n=n, config=config, overrides=overrides)
 
 
+@app.command("ablate")
+def ablate_cmd(
+    data: Annotated[Path, typer.Option(help="Training file (train.csv of a split).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    val: Annotated[Path | None, typer.Option(help="Validation file.")] = None,
+    test: Annotated[Path | None, typer.Option(help="Test file (default: test.csv next to --data).")] = None,
+    base: Annotated[str, typer.Option(help="'embedded' or an HF model directory.")] = "embedded",
+    steps: Annotated[int, typer.Option(help="Training steps per cell (same budget for every cell).")] = 100,
+    quantizations: Annotated[str, typer.Option(help="Comma list of none, 8bit, nf4.")] = "none,8bit,nf4",
+    adaptations: Annotated[str, typer.Option(help="Comma list of zero-shot, lora, full.")] = "zero-shot,lora,full",
+    config: ConfigOpt = None, overrides: Overrides = None, overwrite: Overwrite = False,
+) -> None:
+    """Quantization x adaptation grid with one budget: accuracy, F1, size, memory, latency, train time."""
+    from medtune.ablate import ablate
+    from medtune.config import load_config
+
+    rows = ablate(str(data), str(output), val=str(val) if val else None, test=str(test) if test else None,
+                  base=base, steps=steps, quantizations=[q for q in quantizations.split(",") if q],
+                  adaptations=[a for a in adaptations.split(",") if a], overwrite=overwrite,
+                  cfg=load_config(config, overrides))
+    _print_json([{k: r.get(k) for k in ("quantization", "adaptation", "status", "accuracy")} for r in rows])
+
+
 # ----------------------------------------------------------------------------- registry / serve
 @app.command("register")
 def register_cmd(
