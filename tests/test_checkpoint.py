@@ -108,11 +108,15 @@ def test_ctrl_c_checkpoints_then_resume_finishes_the_same_run(run_a, tiny_base, 
             os.kill(os.getpid(), signal.SIGINT)  # handled: finish the step, checkpoint, stop
 
     run = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)  # other tests (e.g. Spark) may have installed their own
+    if before in (signal.SIG_IGN, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        before = signal.default_int_handler
     with pytest.raises(MedtuneError, match=r"interrupted: checkpoint saved at step 2\b"):
         train(run_cfg(tiny_base), data, run, val=data, progress=False,
               callbacks=[ctrl_c_at_step_2])
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-0000002"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     train(run_cfg(tiny_base), data, run, val=data, progress=False, resume=True)
     assert max_diff(adapter(run_a), adapter(run)) < 1e-5
 
