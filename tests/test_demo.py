@@ -27,3 +27,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     names = [row["model"] for row in result["metrics"]["comparison"]]
     assert len(names) == 3 and any("TF-IDF" in n for n in names)
     assert set(result["timings"]) >= {"base", "train", "merge", "predict", "evaluate", "total"}
+    # every column of the printed before/after table exists in the comparison rows
+    from medtune.demo import COLUMNS
+    for row in result["metrics"]["comparison"][:2]:
+        missing = [k for k, _ in COLUMNS if row.get(k) is None]
+        assert not missing, (row["model"], missing)

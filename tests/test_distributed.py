@@ -35,7 +35,10 @@ COMMON = ["model.device=cpu", "lora.r=8", "lora.dropout=0", "train.batch_size=4"
           "train.epochs=1", "train.lr=5e-3", "train.warmup_steps=0", "train.eval_every=2",
           "train.eval_samples=8", "train.log_every=1", "train.save_every=2",
           "train.keep_checkpoints=5"]
-CASES = {"nf4": ("torchrun", 13), "none": ("accelerate", 15)}
+# case: (launcher + config, rows, quantization); "fsdp": the shipped accelerate FSDP config, which
+# makes the trainer shard (FSDP2) the NF4 base, LoRA and optimizer state over the two processes
+CASES = {"nf4": ("torchrun", 13, "nf4"), "none": ("accelerate-ddp", 15, "none"),
+         "fsdp": ("accelerate-fsdp", 13, "nf4")}
 
 
 def _rows(n: int, prefix: str) -> pd.DataFrame:
@@ -56,9 +59,10 @@ def _launch(launcher: str, nproc: int, args: list[str], log: Path) -> subprocess
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", port, "-m", "medtune", "train", *args]
-    else:  # the shipped accelerate config (MULTI_GPU) on CPU: model.device=cpu -> gloo
+    else:  # a shipped accelerate config (MULTI_GPU or FSDP) on CPU: model.device=cpu -> gloo
+        config = ROOT / "configs" / "accelerate" / f"{launcher.split('-')[1]}.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", str(nproc),
+               str(config), "--num_processes", str(nproc),
                "--main_process_port", port, "-m", "medtune", "train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
@@ -69,35 +73,37 @@ def _launch(launcher: str, nproc: int, args: list[str], log: Path) -> subprocess
 
 @pytest.fixture(scope="module")
 def runs(tiny_base, tmp_path_factory):
-    """{quantization: (two-process run dir, one-process run dir, launcher log)}."""
+    """{case: (two-process run dir, one-process run dir, launcher log)}."""
     root = tmp_path_factory.mktemp("ddp")
     val = root / "val.csv"
     _rows(8, "v").to_csv(val, index=False)
     procs, out, codes = {}, {}, {}
     try:
-        for quant, (launcher, n) in CASES.items():
+        singles: dict[tuple[int, str], Path] = {}
+        for case, (launcher, n, quant) in CASES.items():
             data = root / f"train{n}.csv"
             _rows(n, "r").to_csv(data, index=False)
             overrides = [f"model.base={tiny_base}", f"model.quantization={quant}", *COMMON]
-            multi, log = root / f"multi-{quant}", root / f"{quant}.log"
-            procs[quant] = _launch(launcher, 2, ["--data", str(data), "--val", str(val),
-                                                 "--output", str(multi), *overrides], log)
-            single = train(load_config(None, overrides), str(data), root / f"single-{quant}",
-                           val=str(val), progress=False)
-            out[quant] = (multi, single, log)
+            multi, log = root / f"multi-{case}", root / f"{case}.log"
+            procs[case] = _launch(launcher, 2, ["--data", str(data), "--val", str(val),
+                                                "--output", str(multi), *overrides], log)
+            if (n, quant) not in singles:  # the one-process reference (fsdp shares nf4's)
+                singles[n, quant] = train(load_config(None, overrides), str(data),
+                                          root / f"single-{quant}", val=str(val), progress=False)
+            out[case] = (multi, singles[n, quant], log)
         deadline = time.monotonic() + 180
-        for quant, proc in procs.items():
+        for case, proc in procs.items():
             try:
-                codes[quant] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                codes[case] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:  # a collective that never completes: a hang
-                codes[quant] = "timeout"
+                codes[case] = "timeout"
     finally:
         for proc in procs.values():  # never leave ranks behind
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    for quant, code in codes.items():
-        assert code == 0, f"{quant}: launcher exited {code}\n{out[quant][2].read_text()[-3000:]}"
+    for case, code in codes.items():
+        assert code == 0, f"{case}: launcher exited {code}\n{out[case][2].read_text()[-3000:]}"
     return out
 
 
@@ -124,21 +130,21 @@ def test_all_reduce_grads_is_a_no_op_without_a_process_group():
 
 
 # ----------------------------------------------------------------------------- two processes
-@pytest.mark.parametrize("quant", list(CASES))
-def test_two_processes_train_the_same_adapter_as_one(runs, quant):
-    multi, single, _ = runs[quant]
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_train_the_same_adapter_as_one(runs, case):
+    multi, single, _ = runs[case]
     a = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(single / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
     moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k)
     assert moved > 100 * TOL  # B starts at zero: the comparison below is not trivially true
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    assert worst < TOL, f"{quant}: adapters differ by {worst}"
+    assert worst < TOL, f"{case}: adapters differ by {worst}"
 
 
-@pytest.mark.parametrize("quant", list(CASES))
-def test_loss_and_validation_match_and_only_rank0_wrote(runs, quant):
-    multi, single, _ = runs[quant]
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_validation_match_and_only_rank0_wrote(runs, case):
+    multi, single, _ = runs[case]
     m, s = _metrics(multi), _metrics(single)
     # one row per step and per evaluation: a second writer would duplicate them
     train_m, train_s = m[m["loss"].notna()], s[s["loss"].notna()]
@@ -153,3 +159,33 @@ def test_loss_and_validation_match_and_only_rank0_wrote(runs, quant):
     assert all((multi / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
     assert not [p for p in multi.rglob("*") if p.name.endswith(".tmp") or ".old" in p.name]
     assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
+
+
+def test_fsdp_run_was_sharded_and_resumes_to_the_same_adapter(runs, tiny_base, tmp_path):
+    import json
+    import shutil
+
+    multi, _, _ = runs["fsdp"]
+    assert json.loads((multi / "medtune.json").read_text())["sharded"] is True
+    assert json.loads((runs["nf4"][0] / "medtune.json").read_text())["sharded"] is False
+    # resume the sharded run from its step-2 checkpoint (torchrun + train.fsdp=true this time)
+    again = tmp_path / "again"
+    shutil.copytree(multi, again)
+    for stale in ("checkpoints/step-0000004", "adapter", "medtune.json"):
+        path = again / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    data, val = multi.parent / "train13.csv", multi.parent / "val.csv"
+    overrides = [f"model.base={tiny_base}", "model.quantization=nf4", *COMMON, "train.fsdp=true"]
+    proc = _launch("torchrun", 2, ["--data", str(data), "--val", str(val), "--output", str(again),
+                                   "--resume", *overrides], tmp_path / "resume.log")
+    try:
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert "resuming from step-0000002" in (tmp_path / "resume.log").read_text()
+    a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from medtune.fsdp import is_sharded, load_full_states
 from medtune.fsutil import atomic_dir, read_json, write_json
 
 MARKER = "COMPLETE"
@@ -31,11 +32,14 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
-                    state: dict[str, Any], keep: int = 2) -> Path:
+                    state: dict[str, Any], keep: int = 2,
+                    full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
+    """``full``: (weights, optimizer state) already gathered from FSDP shards (medtune.fsdp)."""
     target = run_dir / "checkpoints" / f"step-{step:07d}"
+    weights, optim_state = full if full is not None else (trainable_state(model), optimizer.state_dict())
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
         _test_delay()
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -76,11 +80,15 @@ def prune(run_dir: Path, keep: int) -> None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if is_sharded(model):  # FSDP: every rank reads the full state and keeps its shards
+        load_full_states(model, optimizer, weights, optim_state)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        optimizer.load_state_dict(optim_state)
     state = read_json(path / "trainer_state.json")
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = load_file(str(path / "rng.safetensors"))

@@ -172,7 +172,10 @@ def base_build(
     from medtune.data import load_labeled
 
     df = load_labeled(data, text_column=text_column, require_labels=False, drop_empty=True)
-    path = build_base(list(df["text"]), output, BaseSpec(steps=steps, seed=seed), overwrite=overwrite)
+    # label names join the pretraining corpus as phrases, as `medtune train` does for its cached base
+    labels = sorted(set(df["label"].dropna())) if "label" in df.columns else None
+    path = build_base(list(df["text"]), output, BaseSpec(steps=steps, seed=seed), overwrite=overwrite,
+                      extra_vocab_texts=labels)
     print(path)
 
 

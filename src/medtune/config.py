@@ -67,7 +67,7 @@ class LoraConfig:
 class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data (fractions allowed).")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: use epochs).")
-    batch_size: int = _f(16, "Examples per optimizer step per process (before accumulation split).")
+    batch_size: int = _f(16, "Examples per optimizer step, over all processes (each takes its share).")
     micro_batch_size: int = _f(0, "Examples per forward pass; 0 = batch_size. Halved on OOM.")
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -83,6 +83,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints.")
     log_every: int = _f(5, "Append to metrics.jsonl every N steps.")
     seed: int = _f(0, "Seed for initialisation, dropout and data order.")
+    fsdp: bool = _f(False, "Shard weights, LoRA and optimizer state over processes (FSDP2, one unit per "
+                           "decoder layer); needs torchrun / accelerate launch. See docs/DISTRIBUTED.md.")
 
 
 @dataclass

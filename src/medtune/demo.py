@@ -24,14 +24,18 @@ def _step(name: str) -> None:
     console.rule(f"[bold]{name}")
 
 
+COLUMNS = [("model", "model"), ("size_mb", "disk MB"), ("weight_mb", "weights MB"),
+           ("bits_per_param", "bits/param"), ("peak_memory_mb", "peak MB"), ("latency_p50_ms", "p50 ms"),
+           ("latency_p95_ms", "p95 ms"), ("throughput", "notes/s"), ("accuracy", "accuracy"),
+           ("macro_f1", "macro-F1")]
+
+
 def _table(rows: list[dict[str, Any]]) -> Table:
-    cols = ["model", "disk_mb", "weight_mb", "bits_per_param", "peak_memory_mb", "latency_p50_ms",
-            "latency_p95_ms", "throughput", "accuracy", "macro_f1"]
     table = Table(title="before / after")
-    for c in cols:
-        table.add_column(c, justify="left" if c == "model" else "right")
+    for key, head in COLUMNS:
+        table.add_column(head, justify="left" if key == "model" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*["-" if r.get(c) is None else str(r.get(c)) for c in cols])
+        table.add_row(*["-" if r.get(k) is None else str(r.get(k)) for k, _ in COLUMNS])
     return table
 
 
@@ -101,7 +105,7 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
                        overwrite=True)
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - t_all
-    console.print(_table(metrics["comparison"]))
+    Console(width=max(console.width, 140)).print(_table(metrics["comparison"]))
     console.print(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
                   f"ECE {metrics.get('ece', float('nan')):.4f}  "
                   f"semantic similarity {metrics.get('semantic_similarity', float('nan')):.4f}")

@@ -1,10 +1,12 @@
 """Label scoring: log-likelihood of every allowed label as a continuation of each prompt.
 
-The prompt is computed once per note. Each row of a batch holds ``prompt + label_1 + ... + label_L``
-with a 4-D attention mask that lets every label's tokens see the prompt and their own earlier
-tokens only (a one-level prefix tree), and position ids that restart at the prompt's end for each
-label. One forward pass therefore scores all L labels at the cost of P + sum(len(label)) tokens
-instead of L * (P + len(label)) for the naive per-(note, label) passes.
+The labels' token sequences are merged into a prefix tree (trie): "CT Abdomen", "CT Chest" and
+"CT Head" share their first tokens, stored once. Each row of a batch holds ``prompt + trie nodes``
+with a 4-D attention mask that lets every node see the prompt and its own ancestors only, and
+position ids ``len(prompt) + depth``. One forward pass therefore scores all L labels at the cost
+of P + (number of trie nodes) tokens instead of L * (P + len(label)) for naive per-(note, label)
+passes. The LM head runs only where a next-token distribution is needed: the prompt's last
+position and the trie's inner nodes.
 
 score(label) = sum of log p(token) over the label's tokens including EOS, exactly the sequence the
 model was trained to produce.
@@ -13,8 +15,11 @@ model was trained to produce.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+from medtune.fsdp import is_sharded, unwrap
 
 
 def _model_device(model) -> torch.device:
@@ -28,54 +33,110 @@ def _mask_dtype(model) -> torch.dtype:
     return torch.float32
 
 
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's LM head (and Gemma-2's final logit soft-capping) on selected hidden states."""
+    base = unwrap(model)
+    logits = base.get_output_embeddings()(hidden).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def decoder(model):
+    """The transformer body (everything but the LM head); LoRA layers stay in place."""
+    return unwrap(model).get_decoder()
+
+
+@dataclass(frozen=True)
+class LabelTrie:
+    """Labels' token sequences merged by common prefix. Nodes are in creation order, so a
+    parent always precedes its children."""
+
+    tokens: list[int]            # token of each node
+    parents: list[int]           # parent node, -1 for a first token (predicted from the prompt)
+    depths: list[int]            # 0 for first tokens
+    paths: list[list[int]]       # each label's nodes, root to leaf
+
+    @classmethod
+    def build(cls, labels: Sequence[Sequence[int]]) -> LabelTrie:
+        index: dict[tuple[int, int], int] = {}
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
+        paths = []
+        for lab in labels:
+            node, path = -1, []
+            for depth, tok in enumerate(lab):
+                key = (node, int(tok))
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(int(tok))
+                    parents.append(node)
+                    depths.append(depth)
+                node = index[key]
+                path.append(node)
+            paths.append(path)
+        return cls(tokens, parents, depths, paths)
+
+    def ancestors(self) -> torch.Tensor:
+        """[M, M] bool: node i may see node j (j is i or one of its ancestors)."""
+        m = len(self.tokens)
+        anc = torch.eye(m, dtype=torch.bool)
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                anc[i] |= anc[parent]
+        return anc
+
+
 @torch.no_grad()
 def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
                pad_id: int) -> torch.Tensor:
     """Sum log-probabilities [N, L] of each label (token ids incl. EOS) after each prompt."""
     device = _model_device(model)
-    n_labels, batch = len(labels), len(prompts)
-    label_flat = [tok for lab in labels for tok in lab]
-    label_seg = [k + 1 for k, lab in enumerate(labels) for _ in lab]     # 1..L per label token
-    label_pos = [j for lab in labels for j in range(len(lab))]          # offset inside its label
-    width = max(len(p) for p in prompts) + len(label_flat)
+    trie = LabelTrie.build(labels)
+    m, batch = len(trie.tokens), len(prompts)
+    width = max(len(p) for p in prompts) + m
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
     pos = torch.zeros((batch, width), dtype=torch.long)
-    seg = torch.full((batch, width), -1, dtype=torch.long)              # 0 prompt, -1 padding
-    max_k = max(len(lab) for lab in labels)
-    src = torch.zeros((batch, n_labels, max_k), dtype=torch.long)
-    starts = torch.tensor([0] + [len(lab) for lab in labels]).cumsum(0)[:-1]
+    allowed = torch.zeros((batch, width, width), dtype=torch.bool)
+    anc = trie.ancestors()
+    node_tok, node_pos = torch.tensor(trie.tokens), torch.tensor(trie.depths)
+    # distributions needed: after the prompt (source -1) and after each inner node
+    sources = sorted(set(trie.parents))
+    src_of = {s: k for k, s in enumerate(sources)}
+    src_idx = torch.zeros((batch, len(sources)), dtype=torch.long)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
     for b, prompt in enumerate(prompts):
         p = len(prompt)
-        ids[b, :p + len(label_flat)] = torch.tensor(list(prompt) + label_flat)
+        ids[b, :p] = torch.as_tensor(list(prompt))
+        ids[b, p:p + m] = node_tok
         pos[b, :p] = torch.arange(p)
-        pos[b, p:p + len(label_flat)] = p + torch.tensor(label_pos)
-        seg[b, :p] = 0
-        seg[b, p:p + len(label_flat)] = torch.tensor(label_seg)
-        # token j of label k is predicted at the prompt's last position (j=0) or at token j-1
-        for k, lab in enumerate(labels):
-            off = p + int(starts[k])
-            src[b, k, : len(lab)] = torch.tensor([p - 1, *range(off, off + len(lab) - 1)])
-    # i may attend j when j <= i and j is in the prompt or in i's own label (padding: same rule)
-    idx = torch.arange(width)
-    causal = idx[:, None] >= idx[None, :]
-    allowed = causal[None] & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :]))
+        pos[b, p:p + m] = p + node_pos
+        allowed[b, :p, :p] = causal[:p, :p]
+        allowed[b, p:p + m, :p] = True
+        allowed[b, p:p + m, p:p + m] = anc
+        allowed[b, p + m:, 0] = True          # padding rows: any non-empty row
+        src_idx[b] = torch.tensor([p - 1 if s < 0 else p + s for s in sources])
     dtype = _mask_dtype(model)
     mask = torch.zeros((batch, 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   position_ids=pos.to(device), use_cache=False).logits
-    tgt = torch.zeros((n_labels, max_k), dtype=torch.long)
-    valid = torch.zeros((n_labels, max_k), dtype=torch.bool)
-    for k, lab in enumerate(labels):
-        tgt[k, : len(lab)] = torch.tensor(list(lab))
-        valid[k, : len(lab)] = True
-    # gather only the needed positions, then log-softmax over the vocabulary there
-    flat_src = src.view(batch, -1).to(device)
-    picked = torch.gather(logits, 1, flat_src[..., None].expand(-1, -1, logits.shape[-1]))
-    logp = picked.float().log_softmax(-1)
-    tgt_b = tgt.view(1, -1, 1).expand(batch, -1, -1).to(device)
-    tok_lp = torch.gather(logp, 2, tgt_b).view(batch, n_labels, max_k)
-    return (tok_lp * valid.to(device)).sum(-1).cpu()
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+              "position_ids": pos.to(device), "use_cache": False}
+    src = src_idx.to(device)[..., None]
+    if is_sharded(model):  # FSDP (validation): the root forward, whose hooks gather the head
+        logits = unwrap(model)(**inputs).logits
+        logp = torch.gather(logits, 1, src.expand(-1, -1, logits.shape[-1])).float().log_softmax(-1)
+    else:
+        hidden = decoder(model)(**inputs).last_hidden_state
+        picked = torch.gather(hidden, 1, src.expand(-1, -1, hidden.shape[-1]))
+        logp = head_logits(model, picked).log_softmax(-1)                   # [B, S, V]
+    vocab = logp.shape[-1]
+    flat = torch.tensor([src_of[parent] * vocab + tok for parent, tok in zip(trie.parents, trie.tokens,
+                                                                               strict=True)])
+    node_lp = logp.reshape(batch, -1).gather(1, flat.to(device).expand(batch, -1))  # [B, M]
+    member = torch.zeros((len(labels), m), device=device)                 # [L, M]: label k uses node
+    for k, path in enumerate(trie.paths):
+        member[k, path] = 1.0
+    return (node_lp @ member.T).cpu()
 
 
 @torch.no_grad()

@@ -16,24 +16,20 @@ import torch.nn.functional as F
 
 from medtune.batching import IGNORE
 from medtune.errors import MedtuneError
-
-
-def unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from medtune.fsdp import is_sharded, root_supervised_logits
+from medtune.scoring import decoder, head_logits
 
 
 def supervised_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over supervised positions, computing the head only there."""
-    base = unwrap(model)
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    sel = hidden[:, :-1][keep]
-    logits = base.get_output_embeddings()(sel).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    if is_sharded(model):  # FSDP: through the root module, whose hooks gather the head
+        logits = root_supervised_logits(model, input_ids, attention_mask, keep)
+    else:
+        hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
+        logits = head_logits(model, hidden[:, :-1][keep])
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 
@@ -47,11 +43,10 @@ _OWN_GROUP = {"flag": False}  # True when this module created the process group 
 
 def init_distributed(device: str) -> tuple[int, int]:
     rank, world = dist_info()
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "").lower() in ("1", "true"):  # would be silently ignored
-            raise MedtuneError(f"{var} is set: medtune's trainer is data-parallel only and does not "
-                               f"shard with {what}; launch with configs/accelerate/ddp.yaml "
-                               "(docs/DISTRIBUTED.md)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):  # would be ignored
+        raise MedtuneError("ACCELERATE_USE_DEEPSPEED is set: medtune's trainer shards with FSDP, not "
+                           "DeepSpeed; launch with configs/accelerate/fsdp.yaml or ddp.yaml "
+                           "(docs/DISTRIBUTED.md)")
     if world > 1 and not torch.distributed.is_initialized():
         if device == "cuda":  # before the group: NCCL binds each rank to its own GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

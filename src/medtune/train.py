@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from medtune import checkpoint as ckpt
+from medtune import fsdp
 from medtune.batching import (
     Example,
     collate,
@@ -35,6 +36,7 @@ from medtune.batching import (
 )
 from medtune.config import Config
 from medtune.errors import MedtuneError
+from medtune.fsdp import unwrap
 from medtune.fsutil import atomic_dir, prepare_output_dir, read_json, write_json, write_text
 from medtune.model import (
     attach_lora,
@@ -53,7 +55,6 @@ from medtune.sft import (
     init_distributed,
     rank_share,
     supervised_loss,
-    unwrap,
 )
 from medtune.tasks import default_template
 
@@ -156,6 +157,11 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     if world > 1:
         broadcast_trainable_(model)
         torch.manual_seed(cfg.train.seed + rank)  # independent dropout masks on each rank
+    if fsdp.requested(cfg):
+        if world > 1:
+            fsdp.shard(model, device, world)
+        elif rank == 0:
+            fsdp.note_single_process()
     template = default_template(cfg.data.task, tokenizer, labels, cfg.model.template)
     enc = [encode_examples(template, tokenizer, list(df["text"]), list(df["label"]),
                            cfg.train.max_length) for df in (train_df, val_df)]
@@ -163,6 +169,7 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
             "quantization": cfg.model.quantization, "device": device,
             "compute_dtype": str(compute_dtype(device, cfg.model.compute_dtype)).replace("torch.", ""),
             "train_rows": len(train_df), "val_rows": len(val_df), "data": str(data),
+            "processes": world, "sharded": fsdp.is_sharded(model),
             "config": cfg.to_dict()}
     return Setup(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, template=template,
                  labels=labels, train=enc[0], val_texts=list(val_df["text"]),
@@ -189,10 +196,18 @@ def _step(s: Setup, batch: list[Example], micro: int, total: torch.Tensor) -> tu
     ``total``: supervised tokens of the whole step over all ranks (the loss normaliser)."""
     device = s.device
     loss_sum, tokens = 0.0, 0
-    for i in range(0, len(batch), micro):
-        b = collate(batch[i:i + micro], s.tokenizer.pad_token_id)
+    parts: list[list[Example] | None] = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    if fsdp.is_sharded(s.model):
+        # every rank must run as many forward/backward passes as the others (each one gathers
+        # the layers): a rank with fewer runs passes on a stand-in example with zero weight
+        parts += [None] * (fsdp.max_over_ranks(len(parts)) - len(parts))
+    for part in parts:
+        b = collate(part or s.train[:1], s.tokenizer.pad_token_id)
         b = {k: v.to(device) for k, v in b.items()}
         ce, _ = supervised_loss(s.model, b["input_ids"], b["attention_mask"], b["labels"])
+        if part is None:
+            (ce * 0.0).backward()
+            continue
         (ce / total.to(device)).backward()
         loss_sum += ce.item()
         tokens += int(b["attention_mask"].sum())
@@ -266,6 +281,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     spe = steps_per_epoch(len(s.train), tc.batch_size)
     total = tc.max_steps or max(1, math.ceil(spe * tc.epochs))
     params = [p for p in s.model.parameters() if p.requires_grad]
+    sharded = fsdp.is_sharded(s.model)
     optimizer = make_optimizer(param_groups(s.model, cfg), cfg, s.device)
     scheduler = make_scheduler(optimizer, cfg, total)
     start_step, state, resumed = 0, {}, {}
@@ -330,10 +346,10 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                         f"loss became {loss} at step {step + 1}: training stopped before writing a "
                         "checkpoint (usual causes: fp16 overflow -> use bf16/fp32 compute, or a "
                         "learning rate too high)")
-                if s.world > 1:
+                if s.world > 1 and not sharded:  # FSDP has already summed (and sharded) them
                     all_reduce_grads_(params)
                 if tc.max_grad_norm > 0:
-                    norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+                    norm = float(fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)))
                     if not math.isfinite(norm):  # finite loss, overflowed backward (fp16)
                         raise MedtuneError(
                             f"gradient norm became {norm} at step {step + 1}: training stopped "
@@ -358,11 +374,14 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                         _log(s, {"step": done, **ev}, callbacks)
                 if s.world == 1 and stop["flag"]:  # a request that came in during this step
                     halt = True
-                if s.rank == 0 and ((tc.save_every and done % tc.save_every == 0) or done == total
-                                    or halt):
-                    ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
-                                         {"epoch": epoch, "micro_batch_size": micro},
-                                         keep=tc.keep_checkpoints)
+                if (tc.save_every and done % tc.save_every == 0) or done == total or halt:
+                    # sharded: every rank gathers the full state (collectives), rank 0 writes
+                    full = (fsdp.full_trainable_state(s.model),
+                            fsdp.full_optimizer_state(s.model, optimizer)) if sharded else None
+                    if s.rank == 0:
+                        ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
+                                             {"epoch": epoch, "micro_batch_size": micro},
+                                             keep=tc.keep_checkpoints, full=full)
                 if halt:
                     barrier()  # no rank exits (and gets the others killed) mid-checkpoint
                     raise Interrupted(done)
@@ -380,6 +399,8 @@ def _main_thread() -> bool:
 
 # ----------------------------------------------------------------------------- save
 def save(s: Setup, summary: dict[str, Any]) -> Path:
+    # sharded (FSDP): every rank gathers the full trainable weights, rank 0 writes them
+    full = fsdp.full_trainable_state(s.model) if fsdp.is_sharded(s.model) else None
     if s.rank != 0:
         return s.run_dir
     out = s.run_dir
@@ -388,12 +409,12 @@ def save(s: Setup, summary: dict[str, Any]) -> Path:
     # checkpoint, never a half-written adapter
     if s.cfg.lora.enabled:
         with atomic_dir(out / "adapter") as tmp:
-            s.model.save_pretrained(str(tmp), safe_serialization=True)
+            s.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=full)
         with atomic_dir(out / "tokenizer") as tmp:
             s.tokenizer.save_pretrained(str(tmp))
     else:
         with atomic_dir(out / ".model") as tmp:
-            unwrap(s.model).save_pretrained(str(tmp), safe_serialization=True)
+            unwrap(s.model).save_pretrained(str(tmp), safe_serialization=True, state_dict=full)
             s.tokenizer.save_pretrained(str(tmp))
         for item in sorted((out / ".model").iterdir()):
             os.replace(item, out / item.name)

@@ -1,0 +1,38 @@
+"""Label-trie scoring equals one forward pass per (prompt, label), with shared label prefixes."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from medtune.scoring import LabelTrie, score_naive, score_tree
+
+# token-id sequences: shared prefixes, a label that is a prefix of another, repeated tokens
+LABELS = [[5, 6, 7, 2], [5, 6, 2], [5, 8, 2], [9, 2], [5, 6, 7, 7, 2]]
+
+
+def test_trie_shares_prefixes_and_keeps_each_path():
+    trie = LabelTrie.build(LABELS)
+    assert len(trie.tokens) == 11 < sum(map(len, LABELS))  # 17 tokens, 11 nodes
+    for lab, path in zip(LABELS, trie.paths, strict=True):
+        assert [trie.tokens[n] for n in path] == lab
+        assert [trie.depths[n] for n in path] == list(range(len(lab)))
+        assert all(trie.parents[b] == a for a, b in itertools.pairwise(path))
+    anc = trie.ancestors()
+    leaf = trie.paths[4][-1]
+    assert anc[leaf, trie.paths[4]].all() and anc[leaf].sum() == len(LABELS[4])
+
+
+def test_trie_scores_equal_naive(tiny_base):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    prompts = [[1, 11, 12, 13, 14], [1, 20], [1, 30, 31, 32, 33, 34, 35, 36, 37]]  # unequal lengths
+    got = score_tree(model, prompts, LABELS, pad_id=0)
+    ref = score_naive(model, prompts, LABELS, pad_id=0)
+    assert got.shape == (3, len(LABELS))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # a single label and a single prompt
+    torch.testing.assert_close(score_tree(model, prompts[:1], LABELS[:1], 0),
+                               score_naive(model, prompts[:1], LABELS[:1], 0), atol=1e-4, rtol=0)
