@@ -23,7 +23,7 @@ STEPS, BATCH = 3, 4
 def train_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_train")
     return out, bench_train(out, steps=STEPS, batch_size=BATCH, vocab=["embedded"],
-                            sides=("medtune", "baseline"), lora_r=8, progress=False)
+                            sides=("medtune", "trl", "baseline"), lora_r=8, progress=False)
 
 
 def test_bench_train_structure_and_same_data_on_both_sides(train_result):
@@ -45,6 +45,11 @@ def test_bench_train_structure_and_same_data_on_both_sides(train_result):
     assert set(run["vs_baseline"]) == {"tokens_per_s_ratio", "peak_memory_ratio",
                                        "delta_memory_ratio"}
     assert all(v > 0 for v in run["vs_baseline"].values())
+    # TRL's SFTTrainer (the original project's stack) saw the same examples, one epoch
+    trl = run["sides"]["trl"]
+    assert trl["steps"] == STEPS and all(math.isfinite(x) and x > 0 for x in trl["losses"])
+    assert trl["tokens_total"] == ours["tokens_total"] and "medtune / trl" in md
+    assert run["vs_trl"]["tokens_per_s_ratio"] > 0
 
 
 def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):

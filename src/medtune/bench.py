@@ -1,7 +1,8 @@
 """`medtune bench train|predict`: side-by-side benchmarks against the original project's way.
 
-train    medtune's trainer step vs the original step (random batches, full-vocabulary logits;
-         optionally today's TRL SFTTrainer), same base, adapter, data, global batch and steps, in
+train    medtune's trainer step vs TRL's SFTTrainer + peft QLoRA (the original project's stack)
+         and vs a plain loop with random batches and full-vocabulary logits (the original step
+         before TRL's chunked head), same base, adapter, data, global batch and steps, in
          one run: each side in its own process (honest peak memory), stepped alternately (a busy
          machine slows both alike). One row per vocabulary: the embedded base's own, and
          randomly initialised copies with a realistic vocabulary (32,000 like Llama-2-7B,
@@ -163,7 +164,7 @@ def _summarise(records: list[dict[str, Any]], end: dict[str, Any], cuda: bool) -
 def bench_train(output: str | Path, *, steps: int = 20,
                 vocab: str | Sequence[int | str] = ("embedded", 32000), batch_size: int = 16,
                 quantization: str = "nf4", lora_r: int = 64, lora_alpha: int = 16, lr: float = 2e-4,
-                sides: str | Sequence[str] = ("medtune", "baseline"),
+                sides: str | Sequence[str] = ("medtune", "trl", "baseline"),
                 device: str = "auto", threads: int = 1, seed: int = 0, overwrite: bool = False,
                 progress: bool = True) -> dict[str, Any]:
     """Train steps/s, tokens/s and peak memory: medtune's step vs the original project's.

@@ -413,7 +413,8 @@ def bench_train_cmd(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/bench"),
     steps: int = 20,
     vocab: Annotated[str, typer.Option(help="Comma list: embedded, 32000, 256000.")] = "embedded,32000",
-    sides: Annotated[str, typer.Option(help="Comma list: medtune, baseline, trl.")] = "medtune,baseline",
+    sides: Annotated[str, typer.Option(help="Comma list: medtune, trl (TRL SFTTrainer + peft QLoRA), "
+                                            "baseline (plain loop, full logits).")] = "medtune,trl,baseline",
     overwrite: Overwrite = False,
 ) -> None:
     """medtune's trainer vs a full-vocabulary-logits baseline: tokens/s, step time, peak memory, loss."""
