@@ -429,12 +429,15 @@ def bench_predict_cmd(
     n: Annotated[int, typer.Option(help="Notes to predict.")] = 500,
     model: Annotated[str | None, typer.Option(help="Existing run/merged dir (default: a quick model).")] = None,
     data: Annotated[Path | None, typer.Option(help="Labelled notes (default: synthetic).")] = None,
+    labels: Annotated[int, typer.Option(help="Labels of the quick model.")] = 4,
+    threads: Annotated[int, typer.Option(help="Torch threads, the same for both sides.")] = 1,
     overwrite: Overwrite = False,
 ) -> None:
     """Constrained batch prediction vs per-note sampled generation: notes/s and accuracy."""
     from medtune.bench import bench_predict
 
-    bench_predict(output, n=n, model=model, data=str(data) if data else None, overwrite=overwrite)
+    bench_predict(output, n=n, model=model, data=str(data) if data else None, n_labels=labels,
+                  threads=threads, overwrite=overwrite)
 
 
 def main() -> None:
