@@ -13,6 +13,7 @@ from typing import Any
 from medtune.fsutil import read_json, write_json
 
 PROTOCOL_INSTRUCTION = "Assign the imaging protocol for this clinical note."
+_NOTE_SLOT = "\u2063medtune-note-slot\u2063"  # stands in for the note while the template renders
 MCQA_INSTRUCTION = "Answer the multiple-choice medical question with the letter of the correct option."
 
 
@@ -53,8 +54,25 @@ class Template:
 
     def prompt_ids(self, tokenizer: Any, text: str) -> list[int]:
         """Token ids of the prompt, with the tokenizer's BOS when it uses one (not the chat
-        template's, which already contains it)."""
-        ids = tokenizer(self.prompt_text(tokenizer, text), add_special_tokens=False)["input_ids"]
+        template's, which already contains it).
+
+        A note that contains a special token's string ("</s>", "<|im_start|>", ...) gets it as
+        plain text, never as the control token: the template's own markup is tokenized as
+        usual, the note with ``split_special_tokens``. Notes without such strings are tokenized
+        as one string, exactly as before."""
+        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        parts = None
+        if any(t in text for t in specials):
+            rendered = self.prompt_text(tokenizer, _NOTE_SLOT)
+            if rendered.count(_NOTE_SLOT) == 1:
+                parts = rendered.split(_NOTE_SLOT)
+        if parts is None:
+            ids = tokenizer(self.prompt_text(tokenizer, text), add_special_tokens=False)["input_ids"]
+        else:
+            def tok(s: str, split: bool = False) -> list[int]:
+                return list(tokenizer(s, add_special_tokens=False, split_special_tokens=split)["input_ids"])
+
+            ids = tok(parts[0]) + tok(text, split=True) + tok(parts[1])
         bos = getattr(tokenizer, "bos_token_id", None)
         if self.kind == "plain" and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]

@@ -1,0 +1,27 @@
+"""Prompt tokenization: a special token's string inside a note stays plain text."""
+
+from __future__ import annotations
+
+import pytest
+
+from medtune.tasks import Template, default_template
+
+
+@pytest.mark.parametrize("kind", ["chat", "plain"])
+def test_special_token_strings_in_a_note_are_not_control_tokens(tiny_tokenizer, kind):
+    tok = tiny_tokenizer
+    tpl = default_template("protocol", tok, ["CT Head"], kind)
+    controls = {tok.eos_token_id, tok.bos_token_id, tok.pad_token_id}
+    clean = tpl.prompt_ids(tok, "pt with headache")
+    hostile = tpl.prompt_ids(tok, f"pt with headache {tok.eos_token} {tok.pad_token}{tok.bos_token}")
+    # the template's own markup keeps its control tokens, the note adds none
+    assert sum(i in controls for i in hostile) == sum(i in controls for i in clean)
+    # the strings are still there, as text
+    assert tok.eos_token in tok.decode(hostile) and len(hostile) > len(clean) + 3
+
+
+def test_ordinary_notes_tokenize_as_one_string(tiny_tokenizer):
+    tpl = Template(kind="plain")
+    text = "pt with headache after fall, r/o bleed"
+    whole = tiny_tokenizer(tpl.prompt_text(tiny_tokenizer, text), add_special_tokens=False)["input_ids"]
+    assert tpl.prompt_ids(tiny_tokenizer, text)[-len(whole):] == list(whole)
