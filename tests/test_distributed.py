@@ -35,10 +35,12 @@ COMMON = ["model.device=cpu", "lora.r=8", "lora.dropout=0", "train.batch_size=4"
           "train.epochs=1", "train.lr=5e-3", "train.warmup_steps=0", "train.eval_every=2",
           "train.eval_samples=8", "train.log_every=1", "train.save_every=2",
           "train.keep_checkpoints=5"]
-# case: (launcher + config, rows, quantization); "fsdp": the shipped accelerate FSDP config, which
-# makes the trainer shard (FSDP2) the NF4 base, LoRA and optimizer state over the two processes
-CASES = {"nf4": ("torchrun", 13, "nf4"), "none": ("accelerate-ddp", 15, "none"),
-         "fsdp": ("accelerate-fsdp", 13, "nf4")}
+# case: (launcher + config, rows, quantization, extra overrides); "fsdp": the shipped accelerate
+# FSDP config, which makes the trainer shard (FSDP2) the NF4 base, LoRA and optimizer state over the
+# two processes; "fsdp-full": full fine-tuning sharded (every weight, the root's included, trains)
+CASES = {"nf4": ("torchrun", 13, "nf4", ()), "none": ("accelerate-ddp", 15, "none", ()),
+         "fsdp": ("accelerate-fsdp", 13, "nf4", ()),
+         "fsdp-full": ("torchrun", 15, "none", ("lora.enabled=false", "train.fsdp=true"))}
 
 
 def _rows(n: int, prefix: str) -> pd.DataFrame:
@@ -79,18 +81,20 @@ def runs(tiny_base, tmp_path_factory):
     _rows(8, "v").to_csv(val, index=False)
     procs, out, codes = {}, {}, {}
     try:
-        singles: dict[tuple[int, str], Path] = {}
-        for case, (launcher, n, quant) in CASES.items():
+        singles: dict[tuple, Path] = {}
+        for case, (launcher, n, quant, extra) in CASES.items():
             data = root / f"train{n}.csv"
             _rows(n, "r").to_csv(data, index=False)
-            overrides = [f"model.base={tiny_base}", f"model.quantization={quant}", *COMMON]
+            overrides = [f"model.base={tiny_base}", f"model.quantization={quant}", *COMMON,
+                         *[e for e in extra if not e.startswith("train.fsdp")]]
             multi, log = root / f"multi-{case}", root / f"{case}.log"
             procs[case] = _launch(launcher, 2, ["--data", str(data), "--val", str(val),
-                                                "--output", str(multi), *overrides], log)
-            if (n, quant) not in singles:  # the one-process reference (fsdp shares nf4's)
-                singles[n, quant] = train(load_config(None, overrides), str(data),
-                                          root / f"single-{quant}", val=str(val), progress=False)
-            out[case] = (multi, singles[n, quant], log)
+                                                "--output", str(multi), *overrides, *extra], log)
+            key = (n, quant, *overrides)
+            if key not in singles:  # the one-process reference (fsdp shares nf4's)
+                singles[key] = train(load_config(None, overrides), str(data),
+                                     root / f"single-{case}", val=str(val), progress=False)
+            out[case] = (multi, singles[key], log)
         deadline = time.monotonic() + 180
         for case, proc in procs.items():
             try:
@@ -130,14 +134,23 @@ def test_all_reduce_grads_is_a_no_op_without_a_process_group():
 
 
 # ----------------------------------------------------------------------------- two processes
+def _trained(run: Path) -> dict[str, torch.Tensor]:
+    """The adapter, or the whole model of a full fine-tuning run."""
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else run / "model.safetensors"))
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_train_the_same_adapter_as_one(runs, case):
+def test_two_processes_train_the_same_adapter_as_one(runs, case, tiny_base):
     multi, single, _ = runs[case]
-    a = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    a, b = _trained(multi), _trained(single)
     assert a.keys() == b.keys() and len(a) > 0
-    moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k)
-    assert moved > 100 * TOL  # B starts at zero: the comparison below is not trivially true
+    if (multi / "adapter").is_dir():  # B starts at zero
+        moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k)
+    else:  # full fine-tuning: distance from the base's weights
+        base = load_file(str(tiny_base / "model.safetensors"))
+        moved = max(float((b[k] - base[k]).abs().max()) for k in base)
+    assert moved > 100 * TOL  # the comparison below is not trivially true
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst < TOL, f"{case}: adapters differ by {worst}"
 

@@ -60,6 +60,17 @@ def shard(model, device: str, world: int) -> None:
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
 
 
+def reshard(model) -> None:
+    """After forward passes with no backward (validation): the root unit keeps its gathered
+    weights registered until a backward reshards it; put the shards back so that
+    ``named_parameters`` (checkpoints, optimizer state) sees the parameters the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def root_supervised_logits(model, input_ids, attention_mask, keep: torch.Tensor) -> torch.Tensor:
     """Logits [K, V] at the supervised positions (``keep`` over positions 0..S-2), through the
     root forward so FSDP's hooks run; the head covers the union of supervised positions."""

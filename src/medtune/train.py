@@ -231,6 +231,8 @@ def validate(s: Setup) -> dict[str, float]:
                           batch_size=8, max_prompt_tokens=s.cfg.train.max_length)
     pred = [s.labels[j] for j in scores.argmax(-1).tolist()]
     acc = sum(p == g for p, g in zip(pred, s.val_answers[:n], strict=True)) / n
+    if fsdp.is_sharded(s.model):
+        fsdp.reshard(s.model)
     s.model.train()
     return {"val_loss": ce_sum / max(1, count), "val_accuracy": acc}
 
