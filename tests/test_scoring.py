@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -36,3 +37,19 @@ def test_trie_scores_equal_naive(tiny_base):
     # a single label and a single prompt
     torch.testing.assert_close(score_tree(model, prompts[:1], LABELS[:1], 0),
                                score_naive(model, prompts[:1], LABELS[:1], 0), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_shared_prompt_prefix_runs_once_and_changes_nothing(tiny_base_factory, arch, monkeypatch):
+    import medtune.scoring as scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_factory(arch)).eval()
+    head = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]                # 11 tokens in every prompt
+    prompts = [[*head, 11, 12, 13], [*head, 20], [*head, 30, 31, 32, 33, 34, 35]]
+    shared, cache = scoring._prefix_cache(model, prompts, torch.device("cpu"))
+    assert shared == len(head) and cache is not None
+    assert scoring._prefix_cache(model, [head, head], torch.device("cpu"))[0] == len(head) - 1
+    got = score_tree(model, prompts, LABELS, pad_id=0)
+    torch.testing.assert_close(got, score_naive(model, prompts, LABELS, pad_id=0), atol=1e-4, rtol=0)
+    monkeypatch.setattr(scoring, "MIN_SHARED", 10**6)                 # the path without a cache
+    torch.testing.assert_close(got, score_tree(model, prompts, LABELS, pad_id=0), atol=1e-5, rtol=0)

@@ -6,7 +6,8 @@ with a 4-D attention mask that lets every node see the prompt and its own ancest
 position ids ``len(prompt) + depth``. One forward pass therefore scores all L labels at the cost
 of P + (number of trie nodes) tokens instead of L * (P + len(label)) for naive per-(note, label)
 passes. The LM head runs only where a next-token distribution is needed: the prompt's last
-position and the trie's inner nodes.
+position and the trie's inner nodes. The prompts' common prefix within a batch (template markup and
+instruction, about half of a short note's prompt) runs once per batch and is reused as a KV cache.
 
 score(label) = sum of log p(token) over the label's tokens including EOS, exactly the sequence the
 model was trained to produce.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -94,6 +96,9 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     device = _model_device(model)
     trie = LabelTrie.build(labels)
     m, batch = len(trie.tokens), len(prompts)
+    # the batch's common prompt prefix (template markup + instruction) runs once, as a KV cache
+    shared, cache = _prefix_cache(model, prompts, device)
+    prompts = [p[shared:] for p in prompts]
     width = max(len(p) for p in prompts) + m
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
     pos = torch.zeros((batch, width), dtype=torch.long)
@@ -109,18 +114,23 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
         p = len(prompt)
         ids[b, :p] = torch.as_tensor(list(prompt))
         ids[b, p:p + m] = node_tok
-        pos[b, :p] = torch.arange(p)
-        pos[b, p:p + m] = p + node_pos
+        pos[b, :p] = shared + torch.arange(p)
+        pos[b, p:p + m] = shared + p + node_pos
         allowed[b, :p, :p] = causal[:p, :p]
         allowed[b, p:p + m, :p] = True
         allowed[b, p:p + m, p:p + m] = anc
         allowed[b, p + m:, 0] = True          # padding rows: any non-empty row
         src_idx[b] = torch.tensor([p - 1 if s < 0 else p + s for s in sources])
+    if shared:  # every row sees the whole cached prefix
+        allowed = torch.cat([torch.ones((batch, width, shared), dtype=torch.bool), allowed], dim=2)
     dtype = _mask_dtype(model)
-    mask = torch.zeros((batch, 1, width, width), dtype=dtype)
+    mask = torch.zeros((batch, 1, width, shared + width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
               "position_ids": pos.to(device), "use_cache": False}
+    if cache is not None:
+        cache.batch_repeat_interleave(batch)
+        inputs["past_key_values"] = cache
     src = src_idx.to(device)[..., None]
     if is_sharded(model):  # FSDP (validation): the root forward, whose hooks gather the head
         logits = unwrap(model)(**inputs).logits
@@ -137,6 +147,28 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     for k, path in enumerate(trie.paths):
         member[k, path] = 1.0
     return (node_lp @ member.T).cpu()
+
+
+MIN_SHARED = 8  # shorter common prefixes are not worth a second forward pass
+
+
+def _prefix_cache(model, prompts: Sequence[Sequence[int]], device) -> tuple[int, Any]:
+    """(length, KV cache of one copy) of the prompts' common prefix, leaving every prompt at
+    least one token of its own; (0, None) when it is short or the model is not a plain
+    full-attention decoder with a DynamicCache (sliding windows, FSDP)."""
+    from transformers import DynamicCache
+
+    if len(prompts) < 2 or is_sharded(model) or getattr(unwrap(model).config, "sliding_window", None):
+        return 0, None
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    shared = 0
+    while shared < limit and all(p[shared] == first[shared] for p in prompts):
+        shared += 1
+    if shared < MIN_SHARED:
+        return 0, None
+    out = decoder(model)(input_ids=torch.tensor([list(first[:shared])], device=device), use_cache=True)
+    cache = out.past_key_values
+    return (shared, cache) if isinstance(cache, DynamicCache) else (0, None)
 
 
 @torch.no_grad()
