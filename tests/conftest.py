@@ -62,6 +62,23 @@ def tiny_base(tmp_path_factory, tiny_tokenizer) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer, "llama")
 
 
+@pytest.fixture(scope="module")
+def merged_dir(tmp_path_factory, tiny_base) -> Path:
+    """A 'merged'-kind model directory (one per test module): the tiny base plus medtune.json,
+    labels and a plain template."""
+    import json
+    import shutil
+
+    from medtune.tasks import Template
+
+    d = tmp_path_factory.mktemp("merged") / "model"
+    shutil.copytree(tiny_base, d)
+    (d / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "protocol"}))
+    (d / "labels.json").write_text(json.dumps({"task": "protocol", "labels": TINY_LABELS}))
+    Template(task="protocol", kind="plain", labels=TINY_LABELS).save(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_base_factory(tmp_path_factory, tiny_tokenizer):
     def make(arch: str) -> Path:

@@ -18,15 +18,6 @@ TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
             seq_len=32, batch_size=4, steps=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two spin on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def notes() -> list[str]:
     return list(synth_protocol(60, seed=1)["text"])

@@ -22,15 +22,6 @@ from medtune.train import train
 N, K = 6, 3  # uninterrupted steps; the crash comes right after the step-K checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two spin on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ckpt_data") / "train.csv"

@@ -14,20 +14,10 @@ from conftest import TINY_LABELS, TINY_NOTES
 from medtune.config import PredictConfig
 from medtune.errors import MedtuneError
 from medtune.evaluate import evaluate, measure, measure_isolated, weight_stats
-from medtune.tasks import Template, default_template
+from medtune.tasks import default_template
 from medtune.tasks.mcqa import LETTERS
 
 GOLD = [TINY_LABELS[i % 4] for i in range(8)]  # TINY_NOTES' 8 distinct notes, one label each
-
-
-@pytest.fixture(scope="module")
-def merged_dir(tmp_path_factory, tiny_base):
-    d = tmp_path_factory.mktemp("eval") / "model"
-    shutil.copytree(tiny_base, d)
-    (d / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "protocol"}))
-    (d / "labels.json").write_text(json.dumps({"task": "protocol", "labels": TINY_LABELS}))
-    Template(task="protocol", kind="plain", labels=TINY_LABELS).save(d)
-    return d
 
 
 @pytest.fixture(scope="module")

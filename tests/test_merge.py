@@ -18,15 +18,6 @@ from medtune.tasks import Template
 from medtune.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two spin on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def qlora_run(tiny_base, tmp_path_factory) -> Path:
     """A few NF4 QLoRA steps at a high learning rate, so the adapter is far from zero."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -44,16 +43,6 @@ def store(tmp_path_factory):
         mp.setenv("MEDTUNE_CACHE", str(root / "cache"))
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "medtune-test")
         yield uri
-
-
-@pytest.fixture(scope="module")
-def merged_dir(tmp_path_factory, tiny_base):
-    d = tmp_path_factory.mktemp("merged") / "model"
-    shutil.copytree(tiny_base, d)
-    (d / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "protocol"}))
-    (d / "labels.json").write_text(json.dumps({"task": "protocol", "labels": TINY_LABELS}))
-    Template(task="protocol", kind="plain", labels=TINY_LABELS).save(d)
-    return d
 
 
 def test_tracking_uri_default_and_env(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 
@@ -19,21 +18,10 @@ from fastapi.testclient import TestClient
 from medtune.errors import MedtuneError
 from medtune.predict import Predictor
 from medtune.serve import create_app, serving_in_thread
-from medtune.tasks import Template
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SECRET = "Zyxwv Qwerty MRN 99887766 crushing chest pain"
-
-
-@pytest.fixture(scope="module")
-def merged_dir(tmp_path_factory, tiny_base):
-    d = tmp_path_factory.mktemp("merged") / "model"
-    shutil.copytree(tiny_base, d)
-    (d / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "protocol"}))
-    (d / "labels.json").write_text(json.dumps({"task": "protocol", "labels": TINY_LABELS}))
-    Template(task="protocol", kind="plain", labels=TINY_LABELS).save(d)
-    return d
 
 
 def _wait_ready(client: TestClient, timeout: float = 60) -> None:

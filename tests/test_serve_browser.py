@@ -7,14 +7,12 @@ test is SKIPPED with the reason shown by ``-ra``; MEDTUNE_REQUIRE_BROWSER=1 make
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 
 from conftest import TINY_LABELS, TINY_NOTES
-from medtune.tasks import Template
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -34,16 +32,6 @@ def _require_browser():
         if os.environ.get("MEDTUNE_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def merged_dir(tmp_path_factory, tiny_base):
-    d = tmp_path_factory.mktemp("merged") / "model"
-    shutil.copytree(tiny_base, d)
-    (d / "medtune.json").write_text(json.dumps({"kind": "merged", "task": "protocol"}))
-    (d / "labels.json").write_text(json.dumps({"task": "protocol", "labels": TINY_LABELS}))
-    Template(task="protocol", kind="plain", labels=TINY_LABELS).save(d)
-    return d
 
 
 def test_page_predicts_in_headless_chromium(merged_dir):
