@@ -20,15 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medtune.fsdp import is_sharded, load_full_states
+from medtune.fsdp import full_trainable_state, is_sharded, load_full_states
 from medtune.fsutil import atomic_dir, read_json, write_json
 
 MARKER = "COMPLETE"
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters()
-            if p.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
@@ -36,7 +31,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
                     full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
     """``full``: (weights, optimizer state) already gathered from FSDP shards (medtune.fsdp)."""
     target = run_dir / "checkpoints" / f"step-{step:07d}"
-    weights, optim_state = full if full is not None else (trainable_state(model), optimizer.state_dict())
+    weights, optim_state = full if full is not None else (full_trainable_state(model), optimizer.state_dict())
     with atomic_dir(target) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optim_state, tmp / "optimizer.pt")

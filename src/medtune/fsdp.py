@@ -37,7 +37,8 @@ def unwrap(model):
 
 
 def is_sharded(model) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
+    """O(1): called on every forward pass of training and scoring."""
+    return getattr(unwrap(model), "_medtune_sharded", False)
 
 
 def shard(model, device: str, world: int) -> None:
@@ -58,6 +59,7 @@ def shard(model, device: str, world: int) -> None:
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is globally normalised
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    base._medtune_sharded = True
 
 
 def reshard(model) -> None:
@@ -91,7 +93,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_trainable_state(model) -> dict[str, torch.Tensor]:
-    """Every rank must call this (all-gathers); returns full CPU tensors on every rank."""
+    """Trainable weights as full CPU tensors. Sharded: every rank must call this (all-gathers)."""
     return {n: full_tensor(p.detach()).cpu().clone().contiguous()
             for n, p in model.named_parameters() if p.requires_grad}
 

@@ -15,6 +15,7 @@ model was trained to produce.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,12 +90,19 @@ class LabelTrie:
         return anc
 
 
+@functools.lru_cache(maxsize=8)
+def _trie(labels: tuple[tuple[int, ...], ...]) -> tuple[LabelTrie, torch.Tensor]:
+    """The label set's trie and ancestor mask, built once per label set (not once per batch)."""
+    trie = LabelTrie.build(labels)
+    return trie, trie.ancestors()
+
+
 @torch.no_grad()
 def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
                pad_id: int) -> torch.Tensor:
     """Sum log-probabilities [N, L] of each label (token ids incl. EOS) after each prompt."""
     device = _model_device(model)
-    trie = LabelTrie.build(labels)
+    trie, anc = _trie(tuple(tuple(int(t) for t in lab) for lab in labels))
     m, batch = len(trie.tokens), len(prompts)
     # the batch's common prompt prefix (template markup + instruction) runs once, as a KV cache
     shared, cache = _prefix_cache(model, prompts, device)
@@ -103,7 +111,6 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
     pos = torch.zeros((batch, width), dtype=torch.long)
     allowed = torch.zeros((batch, width, width), dtype=torch.bool)
-    anc = trie.ancestors()
     node_tok, node_pos = torch.tensor(trie.tokens), torch.tensor(trie.depths)
     # distributions needed: after the prompt (source -1) and after each inner node
     sources = sorted(set(trie.parents))
