@@ -1,10 +1,11 @@
 """Label scoring: log-likelihood of every allowed label as a continuation of each prompt.
 
 The labels' token sequences are merged into a prefix tree (trie): "CT Abdomen", "CT Chest" and
-"CT Head" share their first tokens, stored once. Each row of a batch holds ``prompt + trie nodes``
-with a 4-D attention mask that lets every node see the prompt and its own ancestors only, and
-position ids ``len(prompt) + depth``. One forward pass therefore scores all L labels at the cost
-of P + (number of trie nodes) tokens instead of L * (P + len(label)) for naive per-(note, label)
+"CT Head" share their first tokens, stored once. Each row of a batch holds ``prompt + inner
+trie nodes`` with a 4-D attention mask that lets every node see the prompt and its own ancestors only, and
+position ids ``len(prompt) + depth``; a leaf (a label's last token, EOS) is scored from its
+parent's distribution and never fed. One forward pass therefore scores all L labels at the cost
+of P + (number of inner nodes) tokens instead of L * (P + len(label)) for naive per-(note, label)
 passes. The LM head runs only where a next-token distribution is needed: the prompt's last
 position and the trie's inner nodes. The prompts' common prefix within a batch (template markup and
 instruction, about half of a short note's prompt) runs once per batch and is reused as a KV cache.
@@ -103,18 +104,23 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     """Sum log-probabilities [N, L] of each label (token ids incl. EOS) after each prompt."""
     device = _model_device(model)
     trie, anc = _trie(tuple(tuple(int(t) for t in lab) for lab in labels))
-    m, batch = len(trie.tokens), len(prompts)
+    batch = len(prompts)
     # the batch's common prompt prefix (template markup + instruction) runs once, as a KV cache
     shared, cache = _prefix_cache(model, prompts, device)
     prompts = [p[shared:] for p in prompts]
+    # distributions needed: after the prompt (source -1) and after each inner node. Only inner
+    # nodes are fed: a leaf (a label's last token) is scored from its parent's distribution.
+    sources = sorted(set(trie.parents))       # starts with -1: every label has a first token
+    src_of = {s: k for k, s in enumerate(sources)}
+    inner = sources[1:]
+    m = len(inner)
     width = max(len(p) for p in prompts) + m
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
     pos = torch.zeros((batch, width), dtype=torch.long)
     allowed = torch.zeros((batch, width, width), dtype=torch.bool)
-    node_tok, node_pos = torch.tensor(trie.tokens), torch.tensor(trie.depths)
-    # distributions needed: after the prompt (source -1) and after each inner node
-    sources = sorted(set(trie.parents))
-    src_of = {s: k for k, s in enumerate(sources)}
+    node_tok = torch.tensor([trie.tokens[n] for n in inner], dtype=torch.long)
+    node_pos = torch.tensor([trie.depths[n] for n in inner], dtype=torch.long)
+    node_anc = anc[inner][:, inner]
     src_idx = torch.zeros((batch, len(sources)), dtype=torch.long)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     for b, prompt in enumerate(prompts):
@@ -125,9 +131,9 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
         pos[b, p:p + m] = shared + p + node_pos
         allowed[b, :p, :p] = causal[:p, :p]
         allowed[b, p:p + m, :p] = True
-        allowed[b, p:p + m, p:p + m] = anc
+        allowed[b, p:p + m, p:p + m] = node_anc
         allowed[b, p + m:, 0] = True          # padding rows: any non-empty row
-        src_idx[b] = torch.tensor([p - 1 if s < 0 else p + s for s in sources])
+        src_idx[b] = p - 1 + torch.arange(m + 1)  # the prompt's last token, then inner nodes
     if shared:  # every row sees the whole cached prefix
         allowed = torch.cat([torch.ones((batch, width, shared), dtype=torch.bool), allowed], dim=2)
     dtype = _mask_dtype(model)
@@ -150,7 +156,7 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     flat = torch.tensor([src_of[parent] * vocab + tok for parent, tok in zip(trie.parents, trie.tokens,
                                                                                strict=True)])
     node_lp = logp.reshape(batch, -1).gather(1, flat.to(device).expand(batch, -1))  # [B, M]
-    member = torch.zeros((len(labels), m), device=device)                 # [L, M]: label k uses node
+    member = torch.zeros((len(labels), len(trie.tokens)), device=device)  # [L, M]: label k uses node
     for k, path in enumerate(trie.paths):
         member[k, path] = 1.0
     return (node_lp @ member.T).cpu()
