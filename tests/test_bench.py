@@ -79,5 +79,8 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path):
     for side in (c, g):
         assert 0.0 <= side["accuracy"] <= 1.0 and side["notes_per_s"] > 0
     assert r["speedup"] == pytest.approx(c["notes_per_s"] / g["notes_per_s"])
+    ceiling = r["prompt_only"]["notes_per_s"]
+    assert ceiling > 0 and r["speedup_ceiling"] == pytest.approx(ceiling / g["notes_per_s"])
     assert json.loads((tmp_path / "out" / "bench_predict.json").read_text())["n"] == 20
-    assert "constrained batch scoring" in (tmp_path / "out" / "bench_predict.md").read_text()
+    md = (tmp_path / "out" / "bench_predict.md").read_text()
+    assert "constrained batch scoring" in md and "Ceiling: reading the prompts alone" in md

@@ -103,7 +103,7 @@ class Predictor:
         limit = None if self.context_limit is None else max(8, self.context_limit - reserve)
         return [truncate_prompt(self.template.prompt_ids(self.tokenizer, t), limit) for t in texts]
 
-    def _batched(self, fn: Callable[[list[list[int]]], list[Any]],
+    def batched(self, fn: Callable[[list[list[int]]], list[Any]],
                  prompts: list[list[int]]) -> list[Any]:
         """Apply ``fn`` to batches of prompts sorted by length (less padding), halving the batch
         size on out-of-memory; results come back in input order."""
@@ -136,7 +136,7 @@ class Predictor:
             rows = self._mcqa_scores(texts)
         else:
             prompts = self.prompts(texts, max(len(ids) for ids in self.label_ids))
-            rows = self._batched(lambda b: list(score_tree(self.model, b, self.label_ids, pad)),
+            rows = self.batched(lambda b: list(score_tree(self.model, b, self.label_ids, pad)),
                                  prompts)
         out = torch.stack(rows).float()
         if torch.isnan(out).any():
@@ -156,7 +156,7 @@ class Predictor:
             reserve = max(len(c) for c in conts)
             cut = None if limit is None else max(8, limit - reserve)
             prompts = [truncate_prompt(pairs[i][0], cut) for i in idx]
-            scored = self._batched(lambda b, c=conts: list(
+            scored = self.batched(lambda b, c=conts: list(
                 score_tree(self.model, b, c, self.tokenizer.pad_token_id)), prompts)
             for i, row in zip(idx, scored, strict=True):
                 rows[i] = row
@@ -170,7 +170,7 @@ class Predictor:
         """Raw generated answers (greedy when temperature == 0), batched with left padding."""
         cfg = self.cfg
         prompts = self.prompts(texts, cfg.max_new_tokens)
-        return self._batched(lambda b: generate_batch(
+        return self.batched(lambda b: generate_batch(
             self.model, self.tokenizer, b, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p), prompts)
 
