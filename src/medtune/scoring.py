@@ -91,11 +91,35 @@ class LabelTrie:
         return anc
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What every batch needs from a label set, built once per label set (``_plan``).
+
+    Only inner nodes are fed: a leaf (a label's last token) is scored from its parent's
+    distribution. Distributions come from the prompt's last position (source 0) and from each
+    inner node (source k for the k-th inner node)."""
+
+    node_tok: torch.Tensor       # [I] token of each inner node
+    node_pos: torch.Tensor       # [I] its depth (position after the prompt)
+    node_anc: torch.Tensor       # [I, I] inner node i may see inner node j
+    source: torch.Tensor         # [M] source whose distribution scores node m (its parent's)
+    token: torch.Tensor          # [M] token of node m
+    member: torch.Tensor         # [L, M] label k uses node m
+
+
 @functools.lru_cache(maxsize=8)
-def _trie(labels: tuple[tuple[int, ...], ...]) -> tuple[LabelTrie, torch.Tensor]:
-    """The label set's trie and ancestor mask, built once per label set (not once per batch)."""
+def _plan(labels: tuple[tuple[int, ...], ...]) -> _Plan:
     trie = LabelTrie.build(labels)
-    return trie, trie.ancestors()
+    inner = sorted({p for p in trie.parents if p >= 0})
+    rank = {-1: 0, **{n: k + 1 for k, n in enumerate(inner)}}
+    member = torch.zeros((len(labels), len(trie.tokens)))
+    for k, path in enumerate(trie.paths):
+        member[k, path] = 1.0
+    return _Plan(node_tok=torch.tensor([trie.tokens[n] for n in inner], dtype=torch.long),
+                 node_pos=torch.tensor([trie.depths[n] for n in inner], dtype=torch.long),
+                 node_anc=trie.ancestors()[inner][:, inner],
+                 source=torch.tensor([rank[p] for p in trie.parents], dtype=torch.long),
+                 token=torch.tensor(trie.tokens, dtype=torch.long), member=member)
 
 
 @torch.no_grad()
@@ -103,35 +127,27 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
                pad_id: int) -> torch.Tensor:
     """Sum log-probabilities [N, L] of each label (token ids incl. EOS) after each prompt."""
     device = _model_device(model)
-    trie, anc = _trie(tuple(tuple(int(t) for t in lab) for lab in labels))
+    plan = _plan(tuple(tuple(int(t) for t in lab) for lab in labels))
     batch = len(prompts)
     # the batch's common prompt prefix (template markup + instruction) runs once, as a KV cache
     shared, cache = _prefix_cache(model, prompts, device)
     prompts = [p[shared:] for p in prompts]
-    # distributions needed: after the prompt (source -1) and after each inner node. Only inner
-    # nodes are fed: a leaf (a label's last token) is scored from its parent's distribution.
-    sources = sorted(set(trie.parents))       # starts with -1: every label has a first token
-    src_of = {s: k for k, s in enumerate(sources)}
-    inner = sources[1:]
-    m = len(inner)
+    m = len(plan.node_tok)
     width = max(len(p) for p in prompts) + m
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
     pos = torch.zeros((batch, width), dtype=torch.long)
     allowed = torch.zeros((batch, width, width), dtype=torch.bool)
-    node_tok = torch.tensor([trie.tokens[n] for n in inner], dtype=torch.long)
-    node_pos = torch.tensor([trie.depths[n] for n in inner], dtype=torch.long)
-    node_anc = anc[inner][:, inner]
-    src_idx = torch.zeros((batch, len(sources)), dtype=torch.long)
+    src_idx = torch.zeros((batch, m + 1), dtype=torch.long)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     for b, prompt in enumerate(prompts):
         p = len(prompt)
         ids[b, :p] = torch.as_tensor(list(prompt))
-        ids[b, p:p + m] = node_tok
+        ids[b, p:p + m] = plan.node_tok
         pos[b, :p] = shared + torch.arange(p)
-        pos[b, p:p + m] = shared + p + node_pos
+        pos[b, p:p + m] = shared + p + plan.node_pos
         allowed[b, :p, :p] = causal[:p, :p]
         allowed[b, p:p + m, :p] = True
-        allowed[b, p:p + m, p:p + m] = node_anc
+        allowed[b, p:p + m, p:p + m] = plan.node_anc
         allowed[b, p + m:, 0] = True          # padding rows: any non-empty row
         src_idx[b] = p - 1 + torch.arange(m + 1)  # the prompt's last token, then inner nodes
     if shared:  # every row sees the whole cached prefix
@@ -152,14 +168,9 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
         hidden = decoder(model)(**inputs).last_hidden_state
         picked = torch.gather(hidden, 1, src.expand(-1, -1, hidden.shape[-1]))
         logp = head_logits(model, picked).log_softmax(-1)                   # [B, S, V]
-    vocab = logp.shape[-1]
-    flat = torch.tensor([src_of[parent] * vocab + tok for parent, tok in zip(trie.parents, trie.tokens,
-                                                                               strict=True)])
-    node_lp = logp.reshape(batch, -1).gather(1, flat.to(device).expand(batch, -1))  # [B, M]
-    member = torch.zeros((len(labels), len(trie.tokens)), device=device)  # [L, M]: label k uses node
-    for k, path in enumerate(trie.paths):
-        member[k, path] = 1.0
-    return (node_lp @ member.T).cpu()
+    flat = (plan.source * logp.shape[-1] + plan.token).to(device)           # node m in [S * V]
+    node_lp = logp.reshape(batch, -1).gather(1, flat.expand(batch, -1)).cpu()  # [B, M]
+    return node_lp @ plan.member.T
 
 
 MIN_SHARED = 8  # shorter common prefixes are not worth a second forward pass
