@@ -99,3 +99,80 @@ def test_default_merge_uses_the_dequantized_weights_the_adapter_was_trained_on(q
     assert deq["max_abs_logit_diff_vs_adapter"] < deq["tolerance"]
     assert (deq["max_abs_logit_diff_vs_quantized_training_model"]
             < orig["max_abs_logit_diff_vs_quantized_training_model"])
+
+
+# ----------------------------------------------------------------------------- in memory
+def _training_forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits through the autograd path training uses (input that requires grad)."""
+    with torch.enable_grad():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        return model(inputs_embeds=embeds).logits.detach().float()
+
+
+def test_in_memory_merge_reproduces_the_training_forward(qlora_run):
+    import bitsandbytes as bnb
+
+    from medtune.merge import fold_bytes, fold_in_memory
+    from medtune.model import load_for_inference
+
+    loaded = load_for_inference(qlora_run)
+    model, tok = loaded.model, loaded.tokenizer
+    ids = torch.tensor([loaded.template.prompt_ids(tok, "pt with headache after fall")])
+    ref = _training_forward_logits(model, ids)
+    n_quant = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    expected_bytes = sum(m.in_features * m.out_features * 4 for m in model.modules()
+                         if isinstance(m, bnb.nn.Linear4bit))
+    assert n_quant > 0 and fold_bytes(model) == expected_bytes
+    with torch.no_grad():
+        kernel = model(input_ids=ids).logits.float()  # repacks the 4-bit weights on AVX512-BF16
+    assert fold_in_memory(model) == n_quant
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        folded = model(input_ids=ids).logits.float()
+    assert float((folded - ref).abs().max()) < 1e-3  # same function as in training (fp32)
+    assert float((folded - kernel).abs().max()) < 0.1  # the eval kernel is close, not exact
+
+
+def test_predictor_merges_a_run_on_cpu_unless_told_not_to(qlora_run):
+    import bitsandbytes as bnb
+
+    from medtune.config import PredictConfig
+    from medtune.errors import ConfigError
+    from medtune.predict import Predictor
+
+    texts = ["pt with headache after fall", "renal stone, hematuria", "back pain, radiculopathy"]
+    kept = Predictor.from_path(str(qlora_run), cfg=PredictConfig(merge="no"))
+    merged = Predictor.from_path(str(qlora_run))  # predict.merge = auto
+    assert kept.merged_layers == 0 and merged.merged_layers > 0
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in kept.model.modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.model.modules())
+    p_kept, p_merged = kept.probabilities(texts), merged.probabilities(texts)
+    assert p_merged.shape == (3, 2) and torch.allclose(p_merged.sum(1), torch.ones(3))
+    assert float((p_kept - p_merged).abs().max()) < 0.05
+    with pytest.raises(ConfigError, match=r"predict\.merge: unknown"):
+        Predictor.from_path(str(qlora_run), cfg=PredictConfig(merge="maybe"))
+
+
+def test_auto_merge_skips_what_does_not_fit_or_cannot_fold(qlora_run, tiny_base, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    import medtune.merge as merge_mod
+    from medtune.config import ModelConfig
+    from medtune.merge import fold_blocker
+    from medtune.model import load_base_model, load_for_inference, load_tokenizer
+    from medtune.predict import merge_in_memory
+
+    monkeypatch.setattr(merge_mod, "available_memory", lambda: 1024)  # 1 KiB free
+    model = load_for_inference(qlora_run).model
+    assert merge_in_memory(model, "auto") == 0
+    assert merge_in_memory(model, "yes") > 0  # forced
+
+    tok = load_tokenizer(tiny_base)
+    base = load_base_model(str(tiny_base), ModelConfig(quantization="none", device="cpu"), tok)
+    dora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert "Dora" in str(fold_blocker(dora))
+    monkeypatch.setattr(merge_mod, "available_memory", lambda: 2**40)
+    assert merge_in_memory(dora, "auto") == 0
+    with pytest.raises(MedtuneError, match="cannot merge the adapter in memory"):
+        merge_in_memory(dora, "yes")

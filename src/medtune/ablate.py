@@ -129,7 +129,8 @@ def _run_cell(cfg: Config, data: str, val: str | None, cell_dir: Path, base: str
     from medtune.train import train
 
     task = cfg.data.task
-    pcfg = PredictConfig(batch_size=cfg.predict.batch_size)
+    # each cell is measured in the precision it was trained in: no in-memory merge
+    pcfg = PredictConfig(batch_size=cfg.predict.batch_size, merge="no")
     if adaptation == "zero-shot":
         m = measure_isolated(model=base, texts=texts, labels=str(labels_file), task=task,
                              cfg=pcfg, quantization=quantization)

@@ -366,6 +366,9 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                                              seed=seed, progress=progress))
             prep_s = time.time() - t0
             predictor = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size))
+            # the original pipeline: base (4-bit for a QLoRA run) + adapter, as trained
+            original = (Predictor.from_path(path, cfg=PredictConfig(merge="no"))
+                        if predictor.merged_layers else predictor)
             if data:
                 from medtune.data import load_labeled
 
@@ -373,15 +376,22 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             else:
                 df = _notes_for(predictor.labels, n, seed + 1)
             texts, gold = list(df["text"]), list(df["label"])
-            sides = _predict_sides(predictor, texts, chunk, progress, lambda part, k: (
-                per_row_generate_baseline(predictor, part, temperature=temperature, top_p=top_p,
-                                          max_new_tokens=max_new_tokens, seed=seed + k)))
+            def generate(on: Predictor):
+                return lambda part, k: per_row_generate_baseline(
+                    on, part, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, seed=seed + k)
+
+            generators = {"generate": generate(original)}
+            if original is not predictor:  # what the same in-memory merge gives generation
+                generators["generate_merged"] = generate(predictor)
+            sides = _predict_sides(predictor, texts, chunk, progress, generators)
     finally:
         torch.set_num_threads(before)
     labels = set(predictor.labels)
     result: dict[str, Any] = {"kind": "predict", "machine": _machine(), "n": len(texts),
                               "model": model or "embedded base + QLoRA (quick)",
                               "labels": len(labels), "threads": threads,
+                              "merged_in_memory": predictor.merged_layers > 0,
                               "prepare_s": round(prep_s, 1), "sides": {}}
     ceiling_s = sides.pop("prompt_only")[1]
     for side, (preds, seconds) in sides.items():
@@ -391,6 +401,9 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             "in_label_set": sum(p in labels for p in preds) / len(texts)}
     c, g = result["sides"]["constrained"], result["sides"]["generate"]
     result["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    if "generate_merged" in result["sides"]:
+        gm = result["sides"]["generate_merged"]["notes_per_s"]
+        result["speedup_vs_generate_merged"] = c["notes_per_s"] / max(gm, 1e-9)
     result["accuracy_gain"] = c["accuracy"] - g["accuracy"]
     result["prompt_only"] = {"seconds": ceiling_s,
                              "notes_per_s": len(texts) / max(ceiling_s, 1e-9)}
@@ -407,7 +420,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
 
 
 def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
-                   generate) -> dict[str, tuple[list[str], float]]:
+                   generators: dict[str, Any]) -> dict[str, tuple[list[str], float]]:
     """Each side on each chunk of notes, the sides' order rotating chunk by chunk."""
     from medtune.scoring import score_tree
 
@@ -422,7 +435,7 @@ def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
         return []
 
     run = {"constrained": lambda part, k: [r["prediction"] for r in predictor.predict_texts(part)],
-           "generate": generate, "prompt_only": prompt_only}
+           **generators, "prompt_only": prompt_only}
     preds: dict[str, list[str]] = {s: [] for s in run}
     seconds = dict.fromkeys(run, 0.0)
     names = list(run)
@@ -447,14 +460,24 @@ def _predict_markdown(r: dict[str, Any]) -> str:
             f"{r['model']}; {r['threads']} thread(s), {m.get('cpus')} CPUs"
             f"{', ' + m['gpu'] if m.get('gpu') else ''}, load average {m.get('load_avg_1m')}. "
             "Sides alternate on chunks of notes.\n\n")
-    names = {"constrained": "constrained batch scoring (medtune)",
-             "generate": "per-note sampled generation (original)"}
+    merged = r.get("merged_in_memory")
+    names = {"constrained": "constrained batch scoring (medtune)"
+                            + (", adapter merged in memory" if merged else ""),
+             "generate": "per-note sampled generation (original)"
+                         + (", 4-bit base + adapter" if merged else ""),
+             "generate_merged": "per-note sampled generation on the merged copy"}
     rows = [[names[s], v["notes_per_s"], v["accuracy"], v["in_label_set"], v["seconds"]]
             for s, v in r["sides"].items()]
     table = _md_table(["side", "notes/s", "accuracy", "in label set", "seconds"], rows)
     ceiling = r["prompt_only"]
-    return (head + table + f"\nspeed-up x{r['speedup']:.1f}; accuracy "
-            f"{r['accuracy_gain']:+.3f} (constrained minus generation)\n\nCeiling: reading the "
-            f"prompts alone (no labels) runs {ceiling['notes_per_s']:,.0f} notes/s, "
-            f"x{r['speedup_ceiling']:.1f} the generation side: no scorer that runs every note "
-            "through this model on this machine can go faster.\n")
+    text = (head + table + f"\nspeed-up x{r['speedup']:.1f}; accuracy "
+            f"{r['accuracy_gain']:+.3f} (constrained minus generation)\n")
+    if "speedup_vs_generate_merged" in r:
+        text += ("\nmedtune predicts on CPU with the run's adapter merged into a dequantized copy "
+                 "of its base, in memory (predict.merge=auto); the original pipeline generated "
+                 "from the 4-bit base + adapter. Against generation on the same merged copy: "
+                 f"x{r['speedup_vs_generate_merged']:.1f}.\n")
+    return (text + f"\nCeiling: reading the prompts alone (no labels) runs "
+            f"{ceiling['notes_per_s']:,.0f} notes/s, x{r['speedup_ceiling']:.1f} the generation "
+            "side: no scorer that runs every note through this model on this machine can go "
+            "faster.\n")

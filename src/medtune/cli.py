@@ -257,6 +257,8 @@ def predict_cmd(
     mode: Annotated[str | None, typer.Option(help="constrained (default) or generate.")] = None,
     min_confidence: Annotated[float | None, typer.Option(help="Abstain below this probability.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Notes per batch (0 = automatic).")] = None,
+    merge: Annotated[str | None, typer.Option(
+        help="Merge a run's adapter in memory first: auto (on CPU), yes, no.")] = None,
     snap: Annotated[bool, typer.Option("--snap", help="Generate mode: map outputs to the nearest label.")] = False,
     keep_text: Annotated[bool, typer.Option("--keep-text", help="Copy note text into the output.")] = False,
     engine: Annotated[str, typer.Option(help="local or spark.")] = "local",
@@ -268,7 +270,8 @@ def predict_cmd(
     from medtune.predict import predict_file
 
     cfg = load_config(config, overrides)
-    for key, value in (("mode", mode), ("min_confidence", min_confidence), ("batch_size", batch_size)):
+    for key, value in (("mode", mode), ("min_confidence", min_confidence), ("batch_size", batch_size),
+                       ("merge", merge)):
         if value is not None:
             setattr(cfg.predict, key, value)
     summary = predict_file(

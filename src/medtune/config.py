@@ -97,6 +97,10 @@ class PredictConfig:
     temperature: float = _f(0.0, "Generation mode: 0 = greedy.")
     top_p: float = _f(1.0, "Generation mode: nucleus sampling threshold.")
     chunk_rows: int = _f(2048, "Rows read and written per chunk (bounded memory on big inputs).")
+    merge: str = _f("auto", "Merge a run's LoRA adapter (and dequantize its 4-/8-bit base) in memory "
+                           "before predicting: same outputs up to float rounding, faster on CPU. "
+                           "'auto' = on CPU when the merged weights fit in a quarter of free memory; "
+                           "'yes'; 'no' = keep base + adapter as trained.")
 
 
 @dataclass

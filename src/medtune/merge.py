@@ -41,6 +41,28 @@ def _logits(model, batch) -> torch.Tensor:
     return out * batch["attention_mask"][..., None]
 
 
+def dequantized_weight(module) -> torch.Tensor | None:
+    """The float32 weight of a bitsandbytes 4-bit / 8-bit linear layer; None for any other."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        data, state = module.weight.data, module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by an eval-mode forward
+            unpack = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+            if unpack is None:
+                raise MedtuneError("4-bit weights were repacked for bitsandbytes' CPU kernel; "
+                                   "merge before the first forward pass")
+            data, state = unpack(data, state)
+        weight = bnbf.dequantize_4bit(data, state).float()
+    elif isinstance(module, bnb.nn.Linear8bitLt):
+        w = module.weight
+        weight = w.CB.float() * w.SCB.float()[:, None] / 127.0 if w.CB is not None else w.data.float()
+    else:
+        return None
+    return weight.reshape(module.out_features, module.in_features)
+
+
 @torch.no_grad()
 def dequantize_into(full_model, quantized_model) -> int:
     """Copy the dequantized weights of every 4-bit / 8-bit layer of ``quantized_model`` into the
@@ -49,20 +71,13 @@ def dequantize_into(full_model, quantized_model) -> int:
     The adapter was trained against these rounded weights, so merging into them (rather than into
     the original full-precision weights) reproduces the training model's outputs.
     """
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
-
     copied = 0
     for name, module in quantized_model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            w = module.weight
-            weight = w.CB.float() * w.SCB.float()[:, None] / 127.0 if w.CB is not None else w.data.float()
-        else:
+        weight = dequantized_weight(module)
+        if weight is None:
             continue
         target = full_model.get_submodule(name)
-        target.weight.copy_(weight.reshape(target.weight.shape).to(target.weight.dtype))
+        target.weight.copy_(weight.to(target.weight.dtype))
         copied += 1
     return copied
 
@@ -128,3 +143,98 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
         write_json(tmp / "medtune.json", {**meta, "kind": "merged", "merged_from": str(run_dir),
                                           "merge": report})
     return report
+
+
+# ----------------------------------------------------------------------------- in memory
+def _lora_layers(model) -> list[tuple[str, Any]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _quantized_layers(model) -> list[tuple[str, Any]]:
+    import bitsandbytes as bnb
+
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def fold_blocker(model) -> str | None:
+    """Why ``fold_in_memory`` cannot fold this model's adapters; None when it can."""
+    for name, layer in _lora_layers(model):
+        base = layer.get_base_layer()
+        if layer.merged:
+            return f"{name}: an adapter is already merged"
+        if not isinstance(base, torch.nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+            return f"{name}: LoRA on a {type(base).__name__} layer (only linear layers fold)"
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_variant:
+                return f"{name}: a {type(layer.lora_variant[adapter]).__name__} adapter (only plain LoRA folds)"
+            if layer.lora_bias.get(adapter):
+                return f"{name}: LoRA bias (lora_bias=True)"
+    return None
+
+
+def _float_dtype(model) -> torch.dtype:
+    """The model's compute dtype: that of its input embeddings (never quantized)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def fold_bytes(model) -> int:
+    """Bytes of the plain weights ``fold_in_memory`` would create."""
+    size = torch.finfo(_float_dtype(model)).bits // 8
+    layers = [layer.get_base_layer() for _, layer in _lora_layers(model)]
+    layers += [m for _, m in _quantized_layers(model) if all(m is not b for b in layers)]
+    return sum(m.in_features * m.out_features * size for m in layers)
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _plain_linear(base, weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                            device=weight.device, dtype=weight.dtype)
+    layer.weight.copy_(weight)
+    if base.bias is not None:
+        layer.bias.copy_(base.bias.to(weight.dtype))
+    return layer.requires_grad_(False)
+
+
+def _replace(model, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def fold_in_memory(model) -> int:
+    """Replace every LoRA-wrapped and every bitsandbytes 4-/8-bit linear layer of a loaded model
+    by a plain ``nn.Linear`` holding the dequantized base weight plus the active adapters' update,
+    in the model's compute dtype. Outputs stay the same up to float rounding; each layer becomes
+    one matmul instead of a 4-bit kernel plus two LoRA matmuls. Nothing is written to disk.
+    Returns the number of layers replaced."""
+    reason = fold_blocker(model)
+    if reason:
+        raise MedtuneError(f"cannot merge the adapter in memory: {reason}")
+    dtype = _float_dtype(model)
+    replaced = 0
+    for name, layer in _lora_layers(model):
+        base = layer.get_base_layer()
+        weight = dequantized_weight(base)
+        weight = (base.weight.float() if weight is None else weight).clone()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight += layer.get_delta_weight(adapter).float()
+        _replace(model, name, _plain_linear(base, weight.to(dtype)))
+        replaced += 1
+    for name, module in _quantized_layers(model):  # 4-/8-bit layers without an adapter
+        _replace(model, name, _plain_linear(module, dequantized_weight(module).to(dtype)))
+        replaced += 1
+    return replaced

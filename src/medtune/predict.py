@@ -39,6 +39,7 @@ __all__ = ["Predictor", "per_row_generate_baseline", "predict_file"]
 
 AUTO_BATCH = {"cpu": 16, "cuda": 64}  # first batch size when predict.batch_size = 0; halved on OOM
 MODES = ("constrained", "generate")
+MERGE_MODES = ("auto", "yes", "no")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -58,6 +59,8 @@ class Predictor:
             raise ConfigError(f"predict.mode: unknown '{cfg.mode}' (constrained, generate)")
         if not 0.0 <= cfg.min_confidence <= 1.0:
             raise ConfigError(f"predict.min_confidence must be in [0, 1], got {cfg.min_confidence}")
+        if cfg.merge not in MERGE_MODES:
+            raise ConfigError(f"predict.merge: unknown '{cfg.merge}' (auto, yes, no)")
         if cfg.top_k < 0 or cfg.batch_size < 0 or cfg.max_new_tokens < 1:
             raise ConfigError("predict.top_k and predict.batch_size must be >= 0, "
                               "predict.max_new_tokens >= 1")
@@ -71,15 +74,20 @@ class Predictor:
         self.device = model_device(loaded.model)
         self.batch_size = cfg.batch_size or AUTO_BATCH.get(self.device.type, 16)
         self.context_limit = _context_limit(loaded)
+        self.merged_layers = 0  # layers merged in memory (predict.merge); see from_path
 
     @classmethod
     def from_path(cls, path: str, *, labels: str | None = None, task: str = "protocol",
                   model_cfg: ModelConfig | None = None, cfg: PredictConfig | None = None,
                   snap: bool = False, quantization: str | None = None) -> Predictor:
-        """A run directory, a merged model directory, or a plain base (+ ``labels``)."""
+        """A run directory, a merged model directory, or a plain base (+ ``labels``); a run's
+        adapter is merged in memory as ``cfg.merge`` says (a model passed to ``Predictor(...)``
+        directly is used as it is)."""
         loaded = load_for_inference(path, model_cfg, labels=labels, task=task,
                                     quantization=quantization)
-        return cls(loaded, cfg, snap=snap)
+        predictor = cls(loaded, cfg, snap=snap)
+        predictor.merged_layers = merge_in_memory(loaded.model, predictor.cfg.merge)
+        return predictor
 
     @property
     def model(self):
@@ -199,6 +207,23 @@ class Predictor:
                          "top_k": [[self.labels[i], p] for i, p in zip(i_row[:k], p_row[:k],
                                                                         strict=True)]})
         return rows
+
+
+def merge_in_memory(model, mode: str) -> int:
+    """``predict.merge``: fold a loaded run's LoRA adapter, and its 4-/8-bit base, into plain
+    layers (``medtune.merge.fold_in_memory``). 'auto' does it on CPU only, for a model with an
+    adapter whose merged weights fit in a quarter of the free memory: on a GPU the 4-bit base
+    saves memory and its kernels are fast. Returns the number of layers merged."""
+    if mode == "no" or (mode == "auto" and not hasattr(model, "peft_config")):
+        return 0
+    from medtune.merge import available_memory, fold_blocker, fold_bytes, fold_in_memory
+
+    if mode == "auto":
+        free = available_memory()
+        if model_device(model).type != "cpu" or fold_blocker(model) is not None \
+                or fold_bytes(model) > (free if free is not None else 2**33) // 4:
+            return 0
+    return fold_in_memory(model)
 
 
 def _valid_text(text: Any) -> str:

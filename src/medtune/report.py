@@ -29,7 +29,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BULKY_KEYS = {"confusion", "reliability", "coverage_curve", "per_row", "labels", "comparison"}
 MAX_TABLE_ROWS = 60
 COMPARISON_ORDER = ["accuracy", "macro_f1", "weighted_f1", "semantic_similarity", "size_mb",
-                    "weight_mb", "params", "bits_per_param", "quantized_bits_per_param",
+                    "weight_mb", "params", "bits_per_param", "quantized_bits_per_param", "merged_in_memory",
                     "peak_memory_mb", "model_memory_mb", "latency_p50_ms", "latency_p95_ms",
                     "throughput", "train_seconds"]
 QUALITY_KEYS = {"accuracy", "macro_f1", "weighted_f1", "semantic_similarity", "ece"}
