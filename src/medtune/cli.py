@@ -306,6 +306,9 @@ def evaluate_cmd(
     task: Annotated[str | None, typer.Option(help="protocol or mcqa (default: from the model).")] = None,
     mode: Annotated[str, typer.Option(help="constrained or generate.")] = "constrained",
     min_confidence: Annotated[float, typer.Option(help="Abstention threshold.")] = 0.0,
+    merge: Annotated[str, typer.Option(
+        help="Measure a run with its adapter merged in memory as predict does: auto (on CPU), "
+             "yes, or no (base + adapter as trained, 4-bit stays 4-bit).")] = "auto",
     no_similarity: Annotated[bool, typer.Option("--no-similarity", help="Skip semantic similarity.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -321,7 +324,7 @@ def evaluate_cmd(
         train_data=str(train_data) if train_data else None,
         task=task,
         labels=str(labels) if labels else None,
-        cfg=PredictConfig(mode=mode, min_confidence=min_confidence),
+        cfg=PredictConfig(mode=mode, min_confidence=min_confidence, merge=merge),
         overwrite=overwrite,
         similarity=not no_similarity,
     )

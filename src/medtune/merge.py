@@ -163,8 +163,8 @@ def fold_blocker(model) -> str | None:
     """Why ``fold_in_memory`` cannot fold this model's adapters; None when it can."""
     for name, layer in _lora_layers(model):
         base = layer.get_base_layer()
-        if layer.merged:
-            return f"{name}: an adapter is already merged"
+        if layer.merged or layer.disable_adapters:
+            return f"{name}: an adapter is already merged or adapters are disabled"
         if not isinstance(base, torch.nn.Linear) or getattr(layer, "fan_in_fan_out", False):
             return f"{name}: LoRA on a {type(base).__name__} layer (only linear layers fold)"
         for adapter in layer.active_adapters:
