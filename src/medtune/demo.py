@@ -99,10 +99,11 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
 
     _step("7/7 evaluate: QLoRA model vs zero-shot base vs TF-IDF")
     t = time.time()
-    # "after" = the QLoRA model as trained (4-bit NF4 base + adapter); "before" = the base zero-shot
+    # "after" = the QLoRA model as trained (4-bit NF4 base + adapter, not merged in memory);
+    # "before" = the base zero-shot
     metrics = evaluate(str(run), str(out / "data" / "test.csv"), str(out / "report"),
                        baseline=[str(base), "tfidf"], train_data=str(out / "data" / "train.csv"),
-                       overwrite=True)
+                       cfg=PredictConfig(merge="no"), overwrite=True)
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - t_all
     Console(width=max(console.width, 140)).print(_table(metrics["comparison"]))
