@@ -9,9 +9,11 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import TINY_LABELS, TINY_NOTES
-from medtune.bench import bench_predict, bench_train
+from medtune.bench import bench_train
+from medtune.bench_predict import bench_predict
 from medtune.config import load_config
 from medtune.errors import MedtuneError
 from medtune.train import train
@@ -60,7 +62,7 @@ def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):
         bench_train(tmp_path, sides=("medtune", "deepspeed"))
 
 
-def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path):
+def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monkeypatch):
     data = tmp_path / "notes.csv"
     labels = ["CT Head", "MRI Brain", "CT Urography", "L-Spine"] * 2
     pd.DataFrame({"id": [f"n{i}" for i in range(32)], "text": TINY_NOTES,
@@ -70,10 +72,31 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path):
                              "train.batch_size=8", "train.max_steps=2", "train.eval_every=0",
                              "train.eval_samples=4", "train.save_every=0"])
     run = train(cfg, str(data), tmp_path / "run", progress=False)
+    from medtune.predict import Predictor
+
+    loads: list[tuple[str, int]] = []
+    real = Predictor.from_path.__func__
+
+    def spy(cls, path, **kw):
+        predictor = real(cls, path, **kw)
+        loads.append((predictor.cfg.merge, predictor.merged_layers))
+        return predictor
+
+    monkeypatch.setattr(Predictor, "from_path", classmethod(spy))
     r = bench_predict(tmp_path / "out", n=20, model=str(run), data=str(data), chunk=10,
                       max_new_tokens=4, progress=False)
-    # on CPU medtune merges the LoRA run in memory; generation also runs on that merged copy
-    assert r["n"] == 20 and r["merged_in_memory"] is True
+    # on CPU medtune merges the LoRA run in memory; the original generation side gets its own
+    # unmerged base + adapter, and generation runs once more on the merged copy
+    assert r["n"] == 20
+    if torch.cuda.is_available():  # auto never merges on a GPU: one load, no extra side
+        assert loads == [("auto", 0)] and r["merged_in_memory"] is False
+        assert set(r["sides"]) == {"constrained", "generate"}
+        return
+    assert [m for m, _ in loads] == ["auto", "no"] and loads[0][1] > 0 and loads[1][1] == 0
+    assert r["merged_in_memory"] is True
+    check = r["merge_check"]
+    assert check["notes"] == 20 and 0.0 <= check["same_prediction"] <= 1.0
+    assert 0.0 <= check["max_abs_logprob_diff"] < 0.5
     assert set(r["sides"]) == {"constrained", "generate", "generate_merged"}
     c, g, gm = (r["sides"][s] for s in ("constrained", "generate", "generate_merged"))
     assert c["in_label_set"] == 1.0  # a constrained prediction is always one of the labels
@@ -87,4 +110,5 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path):
     assert json.loads((tmp_path / "out" / "bench_predict.json").read_text())["n"] == 20
     md = (tmp_path / "out" / "bench_predict.md").read_text()
     assert "constrained batch scoring" in md and "Ceiling: reading the prompts alone" in md
-    assert "Against generation on the same merged copy" in md
+    assert "against generation on the same merged copy" in md
+    assert "label log-probabilities differ from base + adapter's" in md

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_NOTES
-from medtune.config import load_config
+from medtune.config import ModelConfig, load_config
 from medtune.errors import MedtuneError
 from medtune.merge import merge
 from medtune.tasks import Template
@@ -115,23 +115,59 @@ def test_in_memory_merge_reproduces_the_training_forward(qlora_run):
     from medtune.merge import fold_bytes, fold_in_memory
     from medtune.model import load_for_inference
 
-    loaded = load_for_inference(qlora_run)
+    cpu = ModelConfig(device="cpu")
+    loaded = load_for_inference(qlora_run, cpu)
     model, tok = loaded.model, loaded.tokenizer
     ids = torch.tensor([loaded.template.prompt_ids(tok, "pt with headache after fall")])
     ref = _training_forward_logits(model, ids)
+    with model.disable_adapter():
+        base_only = _training_forward_logits(model, ids)
+    assert float((ref - base_only).abs().max()) > 1e-2  # the adapter matters at this tolerance
     n_quant = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     expected_bytes = sum(m.in_features * m.out_features * 4 for m in model.modules()
                          if isinstance(m, bnb.nn.Linear4bit))
     assert n_quant > 0 and fold_bytes(model) == expected_bytes
-    with torch.no_grad():
-        kernel = model(input_ids=ids).logits.float()  # repacks the 4-bit weights on AVX512-BF16
     assert fold_in_memory(model) == n_quant
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert not any("lora" in n for n, _ in model.named_parameters())
     with torch.no_grad():
         folded = model(input_ids=ids).logits.float()
     assert float((folded - ref).abs().max()) < 1e-3  # same function as in training (fp32)
-    assert float((folded - kernel).abs().max()) < 0.1  # the eval kernel is close, not exact
+
+    kept = load_for_inference(qlora_run, cpu).model  # bitsandbytes' eval-mode kernel
+    with torch.no_grad():
+        kernel = kept(input_ids=ids).logits.float()
+    assert float((folded - kernel).abs().max()) < 0.1
+    state = next(m for m in kept.modules() if isinstance(m, bnb.nn.Linear4bit)).weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # AVX512-BF16 CPUs repack on eval
+        from medtune.merge import fold_blocker
+
+        assert "repacked" in str(fold_blocker(kept))
+        with pytest.raises(MedtuneError, match="repacked"):
+            fold_in_memory(kept)
+
+
+def test_in_memory_merge_of_a_partial_adapter_dequantizes_the_other_layers(tiny_base):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from medtune.merge import fold_bytes, fold_in_memory
+    from medtune.model import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_base)
+    base = load_base_model(str(tiny_base), ModelConfig(quantization="nf4", device="cpu"), tok)
+    quant = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    expected_bytes = sum(m.in_features * m.out_features * 4 for m in quant)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
+                                            init_lora_weights=False)).eval()  # random B: B @ A != 0
+    ids = torch.tensor([tok("pt with headache after fall")["input_ids"]])
+    ref = _training_forward_logits(model, ids)
+    assert fold_bytes(model) == expected_bytes  # each 4-bit layer counted once
+    assert fold_in_memory(model) == len(quant)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    with torch.no_grad():
+        assert float((model(input_ids=ids).logits.float() - ref).abs().max()) < 1e-3
 
 
 def test_predictor_merges_a_run_on_cpu_unless_told_not_to(qlora_run):
@@ -142,33 +178,42 @@ def test_predictor_merges_a_run_on_cpu_unless_told_not_to(qlora_run):
     from medtune.predict import Predictor
 
     texts = ["pt with headache after fall", "renal stone, hematuria", "back pain, radiculopathy"]
-    kept = Predictor.from_path(str(qlora_run), cfg=PredictConfig(merge="no"))
-    merged = Predictor.from_path(str(qlora_run))  # predict.merge = auto
+    cpu = ModelConfig(device="cpu")
+    kept = Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="no"))
+    merged = Predictor.from_path(str(qlora_run), model_cfg=cpu)  # predict.merge = auto
     assert kept.merged_layers == 0 and merged.merged_layers > 0
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in kept.model.modules())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.model.modules())
-    p_kept, p_merged = kept.probabilities(texts), merged.probabilities(texts)
-    assert p_merged.shape == (3, 2) and torch.allclose(p_merged.sum(1), torch.ones(3))
-    assert float((p_kept - p_merged).abs().max()) < 0.05
+    s_kept, s_merged = kept.scores(texts), merged.scores(texts)  # label log-likelihoods
+    assert s_merged.shape == (3, 2) and float((s_kept - s_merged).abs().max()) < 0.05
+    with kept.model.disable_adapter():  # the same bound would catch a lost adapter
+        assert float((kept.scores(texts) - s_merged).abs().max()) > 0.05
     with pytest.raises(ConfigError, match=r"predict\.merge: unknown"):
-        Predictor.from_path(str(qlora_run), cfg=PredictConfig(merge="maybe"))
+        Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="maybe"))
 
 
-def test_auto_merge_skips_what_does_not_fit_or_cannot_fold(qlora_run, tiny_base, monkeypatch):
+def test_auto_merge_only_on_cpu_fp32_peft_models_that_fit(qlora_run, tiny_base, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     import medtune.merge as merge_mod
-    from medtune.config import ModelConfig
+    import medtune.predict as predict_mod
     from medtune.merge import fold_blocker
     from medtune.model import load_base_model, load_for_inference, load_tokenizer
     from medtune.predict import merge_in_memory
 
+    cpu = ModelConfig(device="cpu")
+    monkeypatch.setattr(predict_mod, "model_device", lambda m: torch.device("cuda"))
+    assert merge_in_memory(load_for_inference(qlora_run, cpu).model, "auto") == 0  # "on a GPU"
+    monkeypatch.undo()
+
     monkeypatch.setattr(merge_mod, "available_memory", lambda: 1024)  # 1 KiB free
-    model = load_for_inference(qlora_run).model
+    model = load_for_inference(qlora_run, cpu).model
     assert merge_in_memory(model, "auto") == 0
     assert merge_in_memory(model, "yes") > 0  # forced
 
     tok = load_tokenizer(tiny_base)
+    plain = load_base_model(str(tiny_base), ModelConfig(quantization="nf4", device="cpu"), tok)
+    assert merge_in_memory(plain, "auto") == 0  # no adapter: a 4-bit model stays 4-bit
     base = load_base_model(str(tiny_base), ModelConfig(quantization="none", device="cpu"), tok)
     dora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     assert "Dora" in str(fold_blocker(dora))

@@ -307,8 +307,8 @@ def evaluate_cmd(
     mode: Annotated[str, typer.Option(help="constrained or generate.")] = "constrained",
     min_confidence: Annotated[float, typer.Option(help="Abstention threshold.")] = 0.0,
     merge: Annotated[str, typer.Option(
-        help="Measure a run with its adapter merged in memory as predict does: auto (on CPU), "
-             "yes, or no (base + adapter as trained, 4-bit stays 4-bit).")] = "auto",
+        help="no: measure a run as trained (4-bit base + adapter); auto (on CPU) or yes: merged "
+             "in memory, as predict does by default.")] = "no",
     no_similarity: Annotated[bool, typer.Option("--no-similarity", help="Skip semantic similarity.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -440,7 +440,7 @@ def bench_predict_cmd(
     overwrite: Overwrite = False,
 ) -> None:
     """Constrained batch prediction vs per-note sampled generation: notes/s and accuracy."""
-    from medtune.bench import bench_predict
+    from medtune.bench_predict import bench_predict
 
     bench_predict(output, n=n, model=model, data=str(data) if data else None, n_labels=labels,
                   threads=threads, overwrite=overwrite)

@@ -286,7 +286,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     from medtune.metrics import classification_metrics, difficulty_terciles, mcqa_metrics
     from medtune.predict import resolve_task
 
-    cfg = cfg or PredictConfig()
+    cfg = cfg or PredictConfig(merge="no")  # measure a run as trained unless asked
     task = resolve_task(model, task or "protocol")
     baseline = list(baseline or [])
     train_path = train_data or _sibling_train(data)

@@ -47,17 +47,15 @@ def dequantized_weight(module) -> torch.Tensor | None:
     import bitsandbytes.functional as bnbf
 
     if isinstance(module, bnb.nn.Linear4bit):
-        data, state = module.weight.data, module.weight.quant_state
+        state = module.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):  # repacked by an eval-mode forward
-            unpack = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
-            if unpack is None:
-                raise MedtuneError("4-bit weights were repacked for bitsandbytes' CPU kernel; "
-                                   "merge before the first forward pass")
-            data, state = unpack(data, state)
-        weight = bnbf.dequantize_4bit(data, state).float()
+            raise MedtuneError("4-bit weights were repacked for bitsandbytes' CPU kernel by a "
+                               "forward pass: dequantize them before the first forward pass")
+        weight = bnbf.dequantize_4bit(module.weight.data, state).float()
     elif isinstance(module, bnb.nn.Linear8bitLt):
-        w = module.weight
-        weight = w.CB.float() * w.SCB.float()[:, None] / 127.0 if w.CB is not None else w.data.float()
+        w, st = module.weight, module.state
+        cb, scb = (w.CB, w.SCB) if w.CB is not None else (st.CB, st.SCB)  # moved by a forward
+        weight = cb.float() * scb.float()[:, None] / 127.0 if cb is not None else w.data.float()
     else:
         return None
     return weight.reshape(module.out_features, module.in_features)
@@ -161,6 +159,10 @@ def _quantized_layers(model) -> list[tuple[str, Any]]:
 
 def fold_blocker(model) -> str | None:
     """Why ``fold_in_memory`` cannot fold this model's adapters; None when it can."""
+    for name, module in _quantized_layers(model):
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            return f"{name}: 4-bit weights already repacked by a forward pass"
     for name, layer in _lora_layers(model):
         base = layer.get_base_layer()
         if layer.merged or layer.disable_adapters:
@@ -188,15 +190,28 @@ def fold_bytes(model) -> int:
     return sum(m.in_features * m.out_features * size for m in layers)
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None  # cgroup "max" = no limit
+
+
 def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes; None where there is none."""
+    """Bytes this process may still allocate: the host's MemAvailable, lowered to what is left
+    under a cgroup v2 memory limit (containers, Kubernetes); None where neither is known."""
+    free = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        free = min(free, limit - used) if free is not None else limit - used
+    return free
 
 
 def _plain_linear(base, weight: torch.Tensor) -> torch.nn.Linear:
@@ -225,7 +240,8 @@ def fold_in_memory(model) -> int:
         raise MedtuneError(f"cannot merge the adapter in memory: {reason}")
     dtype = _float_dtype(model)
     replaced = 0
-    for name, layer in _lora_layers(model):
+    for name in [n for n, _ in _lora_layers(model)]:  # names only: each old layer can go at once
+        layer = model.get_submodule(name)
         base = layer.get_base_layer()
         weight = dequantized_weight(base)
         weight = (base.weight.float() if weight is None else weight).clone()
@@ -234,7 +250,8 @@ def fold_in_memory(model) -> int:
                 weight += layer.get_delta_weight(adapter).float()
         _replace(model, name, _plain_linear(base, weight.to(dtype)))
         replaced += 1
-    for name, module in _quantized_layers(model):  # 4-/8-bit layers without an adapter
+    for name in [n for n, _ in _quantized_layers(model)]:  # 4-/8-bit layers without an adapter
+        module = model.get_submodule(name)
         _replace(model, name, _plain_linear(module, dequantized_weight(module).to(dtype)))
         replaced += 1
     return replaced

@@ -211,16 +211,19 @@ class Predictor:
 
 def merge_in_memory(model, mode: str) -> int:
     """``predict.merge``: fold a loaded run's LoRA adapter, and its 4-/8-bit base, into plain
-    layers (``medtune.merge.fold_in_memory``). 'auto' does it on CPU only, for a model with an
-    adapter whose merged weights fit in a quarter of the free memory: on a GPU the 4-bit base
-    saves memory and its kernels are fast. Returns the number of layers merged."""
+    layers (``medtune.merge.fold_in_memory``). 'auto' does it only on CPU, in float32, for a
+    model with an adapter whose merged weights fit in a quarter of the free memory: on a GPU the
+    4-bit base saves memory and its kernels are fast, and rounding W + BA to 16 bits would lose
+    part of the update. Returns the number of layers merged."""
     if mode == "no" or (mode == "auto" and not hasattr(model, "peft_config")):
         return 0
     from medtune.merge import available_memory, fold_blocker, fold_bytes, fold_in_memory
 
     if mode == "auto":
         free = available_memory()
-        if model_device(model).type != "cpu" or fold_blocker(model) is not None \
+        if model_device(model).type != "cpu" \
+                or model.get_input_embeddings().weight.dtype != torch.float32 \
+                or fold_blocker(model) is not None \
                 or fold_bytes(model) > (free if free is not None else 2**33) // 4:
             return 0
     return fold_in_memory(model)

@@ -1,0 +1,238 @@
+"""`medtune bench predict`: label-constrained batch prediction (``Predictor``) vs the original
+per-note sampled generation (``per_row_generate_baseline``), same trained model and notes, the
+sides taking turns on chunks of notes.
+
+On CPU medtune merges a run's adapter in memory (``predict.merge=auto``); the original pipeline
+generated from the 4-bit base + adapter, so generation runs on that, and once more on the merged
+copy (the like-for-like ratio). A last timing reads the prompts only (one distribution per note,
+no label tokens): no method that runs every note through the network can beat it, so ceiling /
+baseline is the largest speed-up this model and machine allow.
+
+Writes ``<output>/bench_predict.json`` and ``.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medtune.bench import _machine, _md_table, _outputs
+from medtune.errors import MedtuneError
+from medtune.fsutil import write_json, write_text
+
+
+def _notes_for(labels: Sequence[str], n: int, seed: int):
+    """``n`` fresh synthetic notes whose gold label is one of ``labels``."""
+    import pandas as pd
+
+    from medtune.synth import synth_protocol
+
+    allowed, parts, got, k = set(labels), [], 0, 0
+    while got < n and k < 50:
+        df = synth_protocol(max(4 * n, 200), seed=seed + 1000 * k, imbalance=0.0)
+        df = df[df["label"].isin(allowed)]
+        parts.append(df)
+        got += len(df)
+        k += 1
+    if got < n:
+        raise MedtuneError(f"model labels {sorted(allowed)[:3]}...: no synthetic notes carry them "
+                           "(pass data=FILE with text and label columns)")
+    return pd.concat(parts).head(n).reset_index(drop=True)
+
+
+def _quick_model(work: Path, *, n_labels: int, n_train: int, base_steps: int, train_steps: int,
+                 seed: int, progress: bool) -> Path:
+    """The embedded architecture, pretrained ``base_steps`` steps (cached), then QLoRA-trained
+    ``train_steps`` steps on ``n_labels`` synthetic protocols."""
+    from medtune.base import BaseSpec, build_base
+    from medtune.config import load_config
+    from medtune.synth import PROTOCOLS
+    from medtune.train import train
+
+    labels = PROTOCOLS[:n_labels]
+    df = _notes_for(labels, n_train, seed)
+    df.to_csv(work / "train.csv", index=False)
+    base = build_base(list(df["text"]), spec=BaseSpec(steps=base_steps, seed=seed),
+                      extra_vocab_texts=labels, progress=progress)  # cached
+    cfg = load_config(None, [f"model.base={base}", "model.quantization=nf4", "lora.r=64",
+                             "lora.alpha=128", "lora.dropout=0", "train.lr=2e-3",
+                             "train.batch_size=16", f"train.max_steps={train_steps}",
+                             "train.warmup_steps=10", "train.eval_every=0",
+                             "train.eval_samples=100", "train.save_every=0", f"train.seed={seed}"])
+    return train(cfg, str(work / "train.csv"), work / "run", progress=progress)
+
+
+def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
+                  data: str | None = None, n_labels: int = 4, n_train: int = 2000,
+                  base_steps: int = 200, train_steps: int = 250, batch_size: int = 0,
+                  max_new_tokens: int = 16, temperature: float = 0.7, top_p: float = 0.9,
+                  chunk: int = 100,
+                  threads: int = 1, seed: int = 0, overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Notes/s and accuracy: constrained batch prediction vs per-note sampled generation.
+
+    model: a run / merged directory; without one, the embedded architecture is pretrained
+    ``base_steps`` steps (cached in MEDTUNE_CACHE) and QLoRA-trained ``train_steps`` steps on
+    ``n_labels`` synthetic protocols. data: a labelled file
+    (default: ``n`` fresh synthetic notes with the model's labels). The two sides take turns on
+    chunks of ``chunk`` notes."""
+    import torch
+
+    from medtune.config import PredictConfig
+    from medtune.generate import per_row_generate_baseline
+    from medtune.predict import Predictor
+
+    json_path, md_path = _outputs(output, "predict", overwrite)
+    if n < 1 or chunk < 1:
+        raise MedtuneError("n and chunk must be >= 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
+            t0 = time.time()
+            path = model or str(_quick_model(Path(tmp), n_labels=n_labels, n_train=n_train,
+                                             base_steps=base_steps, train_steps=train_steps,
+                                             seed=seed, progress=progress))
+            prep_s = time.time() - t0
+            predictor = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size))
+            # the original pipeline: base (4-bit for a QLoRA run) + adapter, as trained
+            original = (Predictor.from_path(path, cfg=PredictConfig(merge="no"))
+                        if predictor.merged_layers else predictor)
+            if data:
+                from medtune.data import load_labeled
+
+                df = load_labeled(data, drop_empty=True).head(n)
+            else:
+                df = _notes_for(predictor.labels, n, seed + 1)
+            texts, gold = list(df["text"]), list(df["label"])
+            def generate(on: Predictor):
+                return lambda part, k: per_row_generate_baseline(
+                    on, part, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, seed=seed + k)
+
+            generators = {"generate": generate(original)}
+            if original is not predictor:  # what the same in-memory merge gives generation
+                generators["generate_merged"] = generate(predictor)
+            sides = _predict_sides(predictor, texts, chunk, progress, generators)
+            merge_check = _merge_check(predictor, original, texts[:100])
+    finally:
+        torch.set_num_threads(before)
+    labels = set(predictor.labels)
+    result: dict[str, Any] = {"kind": "predict", "machine": _machine(), "n": len(texts),
+                              "model": model or "embedded base + QLoRA (quick)",
+                              "labels": len(labels), "threads": threads,
+                              "merged_in_memory": predictor.merged_layers > 0,
+                              "merge_check": merge_check,
+                              "prepare_s": round(prep_s, 1), "sides": {}}
+    ceiling_s = sides.pop("prompt_only")[1]
+    for side, (preds, seconds) in sides.items():
+        result["sides"][side] = {
+            "seconds": seconds, "notes_per_s": len(texts) / max(seconds, 1e-9),
+            "accuracy": sum(p == g for p, g in zip(preds, gold, strict=True)) / len(texts),
+            "in_label_set": sum(p in labels for p in preds) / len(texts)}
+    c, g = result["sides"]["constrained"], result["sides"]["generate"]
+    result["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    if "generate_merged" in result["sides"]:
+        gm = result["sides"]["generate_merged"]["notes_per_s"]
+        result["speedup_vs_generate_merged"] = c["notes_per_s"] / max(gm, 1e-9)
+        result["speedup_ceiling_vs_generate_merged"] = (len(texts) / max(ceiling_s, 1e-9)
+                                                        / max(gm, 1e-9))
+    result["accuracy_gain"] = c["accuracy"] - g["accuracy"]
+    result["prompt_only"] = {"seconds": ceiling_s,
+                             "notes_per_s": len(texts) / max(ceiling_s, 1e-9)}
+    result["speedup_ceiling"] = result["prompt_only"]["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    result["settings"] = {"generate": {"temperature": temperature, "top_p": top_p,
+                                       "max_new_tokens": max_new_tokens,
+                                       "one note at a time": True},
+                          "constrained": {"batch_size": predictor.batch_size}}
+    md = _predict_markdown(result)
+    write_json(json_path, result)
+    write_text(md_path, md)
+    print(md)
+    return result
+
+
+def _merge_check(merged, original, texts: list[str]) -> dict[str, Any] | None:
+    """How far the in-memory merged model's label log-probabilities are from base + adapter's
+    (bitsandbytes' eval kernel on CPU) on ``texts``; None when nothing was merged."""
+    if merged is original:
+        return None
+    a, b = merged.scores(texts), original.scores(texts)
+    return {"notes": len(texts), "max_abs_logprob_diff": float((a - b).abs().max()),
+            "same_prediction": float((a.argmax(1) == b.argmax(1)).float().mean())}
+
+
+def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
+                   generators: dict[str, Any]) -> dict[str, tuple[list[str], float]]:
+    """Each side on each chunk of notes, the sides' order rotating chunk by chunk."""
+    from medtune.scoring import score_tree
+
+    eos = [[predictor.tokenizer.eos_token_id]]
+
+    def prompt_only(part: list[str], k: int) -> list[str]:
+        """Every prompt through the model once (same batches, shared-prefix cache, LM head at
+        the last position), scoring a single one-token label: the floor of any scorer."""
+        predictor.batched(lambda b: list(score_tree(predictor.model, b, eos,
+                                                    predictor.tokenizer.pad_token_id)),
+                          predictor.prompts(part, 1))
+        return []
+
+    run = {"constrained": lambda part, k: [r["prediction"] for r in predictor.predict_texts(part)],
+           **generators, "prompt_only": prompt_only}
+    preds: dict[str, list[str]] = {s: [] for s in run}
+    seconds = dict.fromkeys(run, 0.0)
+    names = list(run)
+    for k, start in enumerate(range(0, len(texts), chunk)):
+        part = texts[start:start + chunk]
+        for side in names[k % len(names):] + names[:k % len(names)]:
+            t = time.perf_counter()
+            out = run[side](part, k)
+            seconds[side] += time.perf_counter() - t
+            preds[side] += out
+        if progress:
+            print(f"\rbench predict {min(len(texts), start + chunk)}/{len(texts)} notes", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return {s: (preds[s], seconds[s]) for s in preds}
+
+
+def _predict_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    head = (f"## medtune bench predict\n\n{r['n']} notes, {r['labels']} labels, model: "
+            f"{r['model']}; {r['threads']} thread(s), {m.get('cpus')} CPUs"
+            f"{', ' + m['gpu'] if m.get('gpu') else ''}, load average {m.get('load_avg_1m')}. "
+            "Sides alternate on chunks of notes.\n\n")
+    merged = r.get("merged_in_memory")
+    names = {"constrained": "constrained batch scoring (medtune)"
+                            + (", adapter merged in memory" if merged else ""),
+             "generate": "per-note sampled generation (original)"
+                         + (", 4-bit base + adapter" if merged else ""),
+             "generate_merged": "per-note sampled generation on the merged copy"}
+    rows = [[names[s], v["notes_per_s"], v["accuracy"], v["in_label_set"], v["seconds"]]
+            for s, v in r["sides"].items()]
+    table = _md_table(["side", "notes/s", "accuracy", "in label set", "seconds"], rows)
+    ceiling, check = r["prompt_only"], r.get("merge_check")
+    text = head + table + f"\nspeed-up x{r['speedup']:.1f}"
+    if "speedup_vs_generate_merged" in r:
+        text += (" against the original pipeline (4-bit base + adapter), "
+                 f"x{r['speedup_vs_generate_merged']:.1f} against generation on the same merged "
+                 "copy")
+    text += f"; accuracy {r['accuracy_gain']:+.3f} (constrained minus generation)\n"
+    if check:
+        text += ("\nmedtune merged the run's adapter into a dequantized float copy of its base in "
+                 "memory (predict.merge=auto, CPU). On the first "
+                 f"{check['notes']} notes its label log-probabilities differ from base + adapter's "
+                 f"by at most {check['max_abs_logprob_diff']:.3g}; same prediction for "
+                 f"{check['same_prediction']:.0%} of them.\n")
+    text += (f"\nCeiling: reading the prompts alone (no labels) runs "
+             f"{ceiling['notes_per_s']:,.0f} notes/s, x{r['speedup_ceiling']:.1f} the generation "
+             "side")
+    if "speedup_ceiling_vs_generate_merged" in r:
+        text += f" (x{r['speedup_ceiling_vs_generate_merged']:.1f} generation on the merged copy)"
+    return text + (": no scorer that runs every note through this model on this machine can go "
+                   "faster.\n")
