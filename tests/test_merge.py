@@ -192,6 +192,23 @@ def test_predictor_merges_a_run_on_cpu_unless_told_not_to(qlora_run):
         Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="maybe"))
 
 
+def test_predict_file_says_whether_it_merged(qlora_run, tmp_path):
+    from medtune.config import PredictConfig
+    from medtune.predict import predict_file
+
+    data = tmp_path / "notes.csv"
+    pd.DataFrame({"text": TINY_NOTES[:6]}).to_csv(data, index=False)
+    cpu = ModelConfig(device="cpu")
+    rows = {}
+    for mode in ("auto", "no"):
+        out = tmp_path / f"pred-{mode}.csv"
+        summary = predict_file(str(qlora_run), str(data), str(out), PredictConfig(merge=mode),
+                               model_cfg=cpu, progress=False)
+        assert summary["rows"] == 6 and summary["merged_in_memory"] is (mode == "auto")
+        rows[mode] = pd.read_csv(out)
+    assert list(rows["auto"]["prediction"]) == list(rows["no"]["prediction"])
+
+
 def test_auto_merge_only_on_cpu_fp32_peft_models_that_fit(qlora_run, tiny_base, monkeypatch):
     from peft import LoraConfig, get_peft_model
 

@@ -173,6 +173,7 @@ def test_predict_file_csv_round_trip(predictor, notes_csv, tmp_path):
     assert df["confidence"].tolist() == pytest.approx([r["confidence"] for r in direct], abs=1e-6)
     accuracy = sum(p == g for p, g in zip(df["prediction"], df["gold"], strict=True)) / 10
     assert summary["rows"] == 10 and summary["accuracy"] == pytest.approx(accuracy)
+    assert summary["merged_in_memory"] is False  # a merged model directory: nothing to merge
     assert summary["outside_label_set"] == 0 and summary["notes_per_s"] > 0
 
 

@@ -303,18 +303,23 @@ def predict_file(model: str | Predictor, data: str, output: str, cfg: PredictCon
         raise ConfigError(f"engine: unknown '{engine}' (local, spark)")
     task = resolve_task(model, task)
 
+    used: list[Predictor] = []
+
     def make_fn() -> ChunkFn:
-        if isinstance(model, Predictor):
-            return model.predict_texts
-        return Predictor.from_path(model, labels=labels, task=task, model_cfg=model_cfg,
-                                   cfg=cfg, snap=snap).predict_texts
+        predictor = model if isinstance(model, Predictor) else Predictor.from_path(
+            model, labels=labels, task=task, model_cfg=model_cfg, cfg=cfg, snap=snap)
+        used.append(predictor)
+        return predictor.predict_texts
 
     if isinstance(model, Predictor):
         cfg, snap = model.cfg, model.snap
-    return stream_predictions(make_fn, data, output, cfg, task=task, text_column=text_column,
-                              label_column=label_column, keep_text=keep_text,
-                              overwrite=overwrite, snap=snap, cop_base=cop_base,
-                              progress=progress, engine="local", model_name=_model_name(model))
+    summary = stream_predictions(make_fn, data, output, cfg, task=task, text_column=text_column,
+                                 label_column=label_column, keep_text=keep_text,
+                                 overwrite=overwrite, snap=snap, cop_base=cop_base,
+                                 progress=progress, engine="local", model_name=_model_name(model))
+    if used:
+        summary["merged_in_memory"] = used[0].merged_layers > 0
+    return summary
 
 
 def stream_predictions(make_fn: Callable[[], ChunkFn], data: str, output: str,
