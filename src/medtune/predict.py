@@ -59,8 +59,7 @@ class Predictor:
             raise ConfigError(f"predict.mode: unknown '{cfg.mode}' (constrained, generate)")
         if not 0.0 <= cfg.min_confidence <= 1.0:
             raise ConfigError(f"predict.min_confidence must be in [0, 1], got {cfg.min_confidence}")
-        if cfg.merge not in MERGE_MODES:
-            raise ConfigError(f"predict.merge: unknown '{cfg.merge}' (auto, yes, no)")
+        _check_merge(cfg)
         if cfg.top_k < 0 or cfg.batch_size < 0 or cfg.max_new_tokens < 1:
             raise ConfigError("predict.top_k and predict.batch_size must be >= 0, "
                               "predict.max_new_tokens >= 1")
@@ -83,6 +82,7 @@ class Predictor:
         """A run directory, a merged model directory, or a plain base (+ ``labels``); a run's
         adapter is merged in memory as ``cfg.merge`` says (a model passed to ``Predictor(...)``
         directly is used as it is)."""
+        _check_merge(cfg or PredictConfig())  # before the (slow) load
         loaded = load_for_inference(path, model_cfg, labels=labels, task=task,
                                     quantization=quantization)
         predictor = cls(loaded, cfg, snap=snap)
@@ -207,6 +207,11 @@ class Predictor:
                          "top_k": [[self.labels[i], p] for i, p in zip(i_row[:k], p_row[:k],
                                                                         strict=True)]})
         return rows
+
+
+def _check_merge(cfg: PredictConfig) -> None:
+    if cfg.merge not in MERGE_MODES:
+        raise ConfigError(f"predict.merge: unknown '{cfg.merge}' (auto, yes, no)")
 
 
 def merge_in_memory(model, mode: str) -> int:
