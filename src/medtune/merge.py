@@ -177,17 +177,17 @@ def fold_blocker(model) -> str | None:
     return None
 
 
-def _float_dtype(model) -> torch.dtype:
+def float_dtype(model) -> torch.dtype:
     """The model's compute dtype: that of its input embeddings (never quantized)."""
     return model.get_input_embeddings().weight.dtype
 
 
 def fold_bytes(model) -> int:
     """Bytes of the plain weights ``fold_in_memory`` would create."""
-    size = torch.finfo(_float_dtype(model)).bits // 8
-    layers = [layer.get_base_layer() for _, layer in _lora_layers(model)]
-    layers += [m for _, m in _quantized_layers(model) if all(m is not b for b in layers)]
-    return sum(m.in_features * m.out_features * size for m in layers)
+    size = torch.finfo(float_dtype(model)).bits // 8
+    layers = {id(m): m for m in [layer.get_base_layer() for _, layer in _lora_layers(model)]
+              + [m for _, m in _quantized_layers(model)]}  # a wrapped 4-bit layer counts once
+    return sum(m.in_features * m.out_features * size for m in layers.values())
 
 
 def _read_int(path: str) -> int | None:
@@ -238,7 +238,7 @@ def fold_in_memory(model) -> int:
     reason = fold_blocker(model)
     if reason:
         raise MedtuneError(f"cannot merge the adapter in memory: {reason}")
-    dtype = _float_dtype(model)
+    dtype = float_dtype(model)
     replaced = 0
     for name in [n for n, _ in _lora_layers(model)]:  # names only: each old layer can go at once
         layer = model.get_submodule(name)

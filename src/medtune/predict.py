@@ -222,12 +222,11 @@ def merge_in_memory(model, mode: str) -> int:
     part of the update. Returns the number of layers merged."""
     if mode == "no" or (mode == "auto" and not hasattr(model, "peft_config")):
         return 0
-    from medtune.merge import available_memory, fold_blocker, fold_bytes, fold_in_memory
+    from medtune.merge import available_memory, float_dtype, fold_blocker, fold_bytes, fold_in_memory
 
     if mode == "auto":
         free = available_memory()
-        if model_device(model).type != "cpu" \
-                or model.get_input_embeddings().weight.dtype != torch.float32 \
+        if model_device(model).type != "cpu" or float_dtype(model) != torch.float32 \
                 or fold_blocker(model) is not None \
                 or fold_bytes(model) > (free if free is not None else 2**33) // 4:
             return 0
