@@ -74,12 +74,12 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
     run = train(cfg, str(data), tmp_path / "run", progress=False)
     from medtune.predict import Predictor
 
-    loads: list[tuple[str, int]] = []
+    loads: list[tuple[str, str, str | None]] = []
     real = Predictor.from_path.__func__
 
     def spy(cls, path, **kw):
         predictor = real(cls, path, **kw)
-        loads.append((predictor.cfg.merge, predictor.merged_layers))
+        loads.append((predictor.cfg.merge, predictor.cfg.merge_dtype, predictor.merged_dtype))
         return predictor
 
     monkeypatch.setattr(Predictor, "from_path", classmethod(spy))
@@ -89,11 +89,20 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
     # unmerged base + adapter, and generation runs once more on the merged copy
     assert r["n"] == 20
     if torch.cuda.is_available():  # auto never merges on a GPU: one load, no extra side
-        assert loads == [("auto", 0)] and r["merged_in_memory"] is False
+        assert loads == [("auto", "auto", None)] and r["merged_in_memory"] is False
         assert set(r["sides"]) == {"constrained", "generate"}
         return
-    assert [m for m, _ in loads] == ["auto", "no"] and loads[0][1] > 0 and loads[1][1] == 0
-    assert r["merged_in_memory"] is True
+    merged = loads[0][2]
+    assert loads[:2] == [("auto", "auto", merged), ("no", "auto", None)] and merged is not None
+    assert r["merged_in_memory"] is True and r["merged_dtype"] == merged
+    if merged == "float32":  # a CPU without native bf16 matmul: no float32 side to compare
+        assert len(loads) == 2 and "constrained_float32" not in r["sides"]
+    else:  # bf16 weights: the same scorer with float32 weights runs as its own side
+        assert loads[2] == ("auto", "float32", "float32")
+        exact = r["sides"].pop("constrained_float32")
+        assert r["speedup_merge_dtype"] == pytest.approx(
+            r["sides"]["constrained"]["notes_per_s"] / exact["notes_per_s"])
+        assert "the same with float32 weights" in (tmp_path / "out" / "bench_predict.md").read_text()
     check = r["merge_check"]
     assert check["notes"] == 20 and 0.0 <= check["same_prediction"] <= 1.0
     assert 0.0 <= check["max_abs_logprob_diff"] < 0.5

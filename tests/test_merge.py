@@ -180,8 +180,9 @@ def test_predictor_merges_a_run_on_cpu_unless_told_not_to(qlora_run):
     texts = ["pt with headache after fall", "renal stone, hematuria", "back pain, radiculopathy"]
     cpu = ModelConfig(device="cpu")
     kept = Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="no"))
-    merged = Predictor.from_path(str(qlora_run), model_cfg=cpu)  # predict.merge = auto
-    assert kept.merged_layers == 0 and merged.merged_layers > 0
+    merged = Predictor.from_path(str(qlora_run), model_cfg=cpu,  # predict.merge = auto
+                                 cfg=PredictConfig(merge_dtype="float32"))
+    assert kept.merged_dtype is None and merged.merged_dtype == "float32"
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in kept.model.modules())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.model.modules())
     s_kept, s_merged = kept.scores(texts), merged.scores(texts)  # label log-likelihoods
@@ -190,6 +191,37 @@ def test_predictor_merges_a_run_on_cpu_unless_told_not_to(qlora_run):
         assert float((kept.scores(texts) - s_merged).abs().max()) > 0.05
     with pytest.raises(ConfigError, match=r"predict\.merge: unknown"):
         Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="maybe"))
+    with pytest.raises(ConfigError, match=r"predict\.merge_dtype: unknown 'float16'"):
+        Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge_dtype="float16"))
+
+
+def test_bf16_merged_weights_keep_float32_activations_and_the_predictions(qlora_run):
+    from medtune.config import PredictConfig
+    from medtune.merge import CastLinear
+    from medtune.predict import Predictor
+
+    texts = TINY_NOTES[:8]
+    cpu = ModelConfig(device="cpu")
+    exact, half = (Predictor.from_path(str(qlora_run), model_cfg=cpu,
+                                       cfg=PredictConfig(merge_dtype=d))
+                   for d in ("float32", "bfloat16"))
+    kept = Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="no"))
+    assert half.merged_dtype == "bfloat16"
+    cast = [m for m in half.model.modules() if isinstance(m, CastLinear)]
+    assert cast and all(m.weight.dtype == torch.bfloat16 for m in cast)
+    assert not any(isinstance(m, CastLinear) for m in exact.model.modules())
+    assert half.model.get_input_embeddings().weight.dtype == torch.float32
+    ids = torch.tensor([half.prompts(texts[:1], 1)[0]])
+    with torch.no_grad():
+        hidden = half.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert all(h.dtype == torch.float32 for h in hidden)  # the residual stream stays float32
+    s_exact, s_half = exact.scores(texts), half.scores(texts)
+    with kept.model.disable_adapter():
+        s_base = kept.scores(texts)
+    rounding, adapter = (float((s_half - s_exact).abs().max()),
+                         float((s_base - s_exact).abs().max()))
+    assert rounding < 0.05 < adapter  # bf16 rounding is far smaller than what the adapter adds
+    assert torch.equal(s_half.argmax(1), s_exact.argmax(1))
 
 
 def test_predict_file_says_whether_it_merged(qlora_run, tmp_path):
@@ -205,6 +237,7 @@ def test_predict_file_says_whether_it_merged(qlora_run, tmp_path):
         summary = predict_file(str(qlora_run), str(data), str(out), PredictConfig(merge=mode),
                                model_cfg=cpu, progress=False)
         assert summary["rows"] == 6 and summary["merged_in_memory"] is (mode == "auto")
+        assert (summary["merged_dtype"] in ("float32", "bfloat16")) is (mode == "auto")
         rows[mode] = pd.read_csv(out)
     assert list(rows["auto"]["prediction"]) == list(rows["no"]["prediction"])
 
@@ -219,22 +252,27 @@ def test_auto_merge_only_on_cpu_fp32_peft_models_that_fit(qlora_run, tiny_base, 
     from medtune.predict import merge_in_memory
 
     cpu = ModelConfig(device="cpu")
+    model = load_for_inference(qlora_run, cpu).model
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(merge_mod, "native_bf16_matmul", lambda native=native: native)
+        assert predict_mod.merged_weight_dtype(model, "auto") == expected
+    assert predict_mod.merged_weight_dtype(model, "bfloat16") == torch.bfloat16
     monkeypatch.setattr(predict_mod, "model_device", lambda m: torch.device("cuda"))
-    assert merge_in_memory(load_for_inference(qlora_run, cpu).model, "auto") == 0  # "on a GPU"
+    assert predict_mod.merged_weight_dtype(model, "auto") == torch.float32  # the model's own
+    assert merge_in_memory(model, "auto") is None  # "on a GPU"
     monkeypatch.undo()
 
     monkeypatch.setattr(merge_mod, "available_memory", lambda: 1024)  # 1 KiB free
-    model = load_for_inference(qlora_run, cpu).model
-    assert merge_in_memory(model, "auto") == 0
-    assert merge_in_memory(model, "yes") > 0  # forced
+    assert merge_in_memory(model, "auto") is None
+    assert merge_in_memory(model, "yes", "float32") == torch.float32  # forced
 
     tok = load_tokenizer(tiny_base)
     plain = load_base_model(str(tiny_base), ModelConfig(quantization="nf4", device="cpu"), tok)
-    assert merge_in_memory(plain, "auto") == 0  # no adapter: a 4-bit model stays 4-bit
+    assert merge_in_memory(plain, "auto") is None  # no adapter: a 4-bit model stays 4-bit
     base = load_base_model(str(tiny_base), ModelConfig(quantization="none", device="cpu"), tok)
     dora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     assert "Dora" in str(fold_blocker(dora))
     monkeypatch.setattr(merge_mod, "available_memory", lambda: 2**40)
-    assert merge_in_memory(dora, "auto") == 0
+    assert merge_in_memory(dora, "auto") is None
     with pytest.raises(MedtuneError, match="cannot merge the adapter in memory"):
         merge_in_memory(dora, "yes")

@@ -101,7 +101,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             predictor = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size))
             # the original pipeline: base (4-bit for a QLoRA run) + adapter, as trained
             original = (Predictor.from_path(path, cfg=PredictConfig(merge="no"))
-                        if predictor.merged_layers else predictor)
+                        if predictor.merged_dtype else predictor)
             if data:
                 from medtune.data import load_labeled
 
@@ -114,10 +114,15 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                     on, part, temperature=temperature, top_p=top_p,
                     max_new_tokens=max_new_tokens, seed=seed + k)
 
-            generators = {"generate": generate(original)}
+            others = {"generate": generate(original)}
             if original is not predictor:  # what the same in-memory merge gives generation
-                generators["generate_merged"] = generate(predictor)
-            sides = _predict_sides(predictor, texts, chunk, progress, generators)
+                others["generate_merged"] = generate(predictor)
+            if predictor.merged_dtype not in (None, "float32"):  # what the bf16 weights buy
+                exact = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size,
+                                                                    merge_dtype="float32"))
+                others["constrained_float32"] = lambda part, k: [
+                    r["prediction"] for r in exact.predict_texts(part)]
+            sides = _predict_sides(predictor, texts, chunk, progress, others)
             merge_check = _merge_check(predictor, original, texts[:100])
     finally:
         torch.set_num_threads(before)
@@ -125,7 +130,8 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     result: dict[str, Any] = {"kind": "predict", "machine": _machine(), "n": len(texts),
                               "model": model or "embedded base + QLoRA (quick)",
                               "labels": len(labels), "threads": threads,
-                              "merged_in_memory": predictor.merged_layers > 0,
+                              "merged_in_memory": predictor.merged_dtype is not None,
+                              "merged_dtype": predictor.merged_dtype,
                               "merge_check": merge_check,
                               "prepare_s": round(prep_s, 1), "sides": {}}
     ceiling_s = sides.pop("prompt_only")[1]
@@ -136,6 +142,9 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             "in_label_set": sum(p in labels for p in preds) / len(texts)}
     c, g = result["sides"]["constrained"], result["sides"]["generate"]
     result["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    if "constrained_float32" in result["sides"]:
+        exact = result["sides"]["constrained_float32"]["notes_per_s"]
+        result["speedup_merge_dtype"] = c["notes_per_s"] / max(exact, 1e-9)
     if "generate_merged" in result["sides"]:
         gm = result["sides"]["generate_merged"]["notes_per_s"]
         result["speedup_vs_generate_merged"] = c["notes_per_s"] / max(gm, 1e-9)
@@ -167,7 +176,7 @@ def _merge_check(merged, original, texts: list[str]) -> dict[str, Any] | None:
 
 
 def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
-                   generators: dict[str, Any]) -> dict[str, tuple[list[str], float]]:
+                   others: dict[str, Any]) -> dict[str, tuple[list[str], float]]:
     """Each side on each chunk of notes, the sides' order rotating chunk by chunk."""
     from medtune.scoring import score_tree
 
@@ -182,7 +191,7 @@ def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
         return []
 
     run = {"constrained": lambda part, k: [r["prediction"] for r in predictor.predict_texts(part)],
-           **generators, "prompt_only": prompt_only}
+           **others, "prompt_only": prompt_only}
     preds: dict[str, list[str]] = {s: [] for s in run}
     seconds = dict.fromkeys(run, 0.0)
     names = list(run)
@@ -209,7 +218,9 @@ def _predict_markdown(r: dict[str, Any]) -> str:
             "Sides alternate on chunks of notes.\n\n")
     merged = r.get("merged_in_memory")
     names = {"constrained": "constrained batch scoring (medtune)"
-                            + (", adapter merged in memory" if merged else ""),
+                            + (f", adapter merged in memory ({r.get('merged_dtype')} weights)"
+                               if merged else ""),
+             "constrained_float32": "the same with float32 weights (predict.merge_dtype=float32)",
              "generate": "per-note sampled generation (original)"
                          + (", 4-bit base + adapter" if merged else ""),
              "generate_merged": "per-note sampled generation on the merged copy"}
@@ -223,6 +234,9 @@ def _predict_markdown(r: dict[str, Any]) -> str:
                  f"x{r['speedup_vs_generate_merged']:.1f} against generation on the same merged "
                  "copy")
     text += f"; accuracy {r['accuracy_gain']:+.3f} (constrained minus generation)\n"
+    if "speedup_merge_dtype" in r:
+        text += (f"\n{r['merged_dtype']} weights: x{r['speedup_merge_dtype']:.2f} the notes/s of "
+                 "float32 weights (this CPU multiplies bf16 natively).\n")
     if check:
         text += ("\nmedtune merged the run's adapter into a dequantized float copy of its base in "
                  "memory (predict.merge=auto, CPU). On the first "

@@ -259,6 +259,8 @@ def predict_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Notes per batch (0 = automatic).")] = None,
     merge: Annotated[str | None, typer.Option(
         help="Merge a run's adapter in memory first: auto (on CPU), yes, no.")] = None,
+    merge_dtype: Annotated[str | None, typer.Option(
+        help="Merged weights: auto (bfloat16 on a CPU with native bf16 matmul), float32, bfloat16.")] = None,
     snap: Annotated[bool, typer.Option("--snap", help="Generate mode: map outputs to the nearest label.")] = False,
     keep_text: Annotated[bool, typer.Option("--keep-text", help="Copy note text into the output.")] = False,
     engine: Annotated[str, typer.Option(help="local or spark.")] = "local",
@@ -271,7 +273,7 @@ def predict_cmd(
 
     cfg = load_config(config, overrides)
     for key, value in (("mode", mode), ("min_confidence", min_confidence), ("batch_size", batch_size),
-                       ("merge", merge)):
+                       ("merge", merge), ("merge_dtype", merge_dtype)):
         if value is not None:
             setattr(cfg.predict, key, value)
     summary = predict_file(
@@ -309,6 +311,8 @@ def evaluate_cmd(
     merge: Annotated[str, typer.Option(
         help="no: measure a run as trained (4-bit base + adapter); auto (on CPU) or yes: merged "
              "in memory, as predict does by default.")] = "no",
+    merge_dtype: Annotated[str, typer.Option(
+        help="Merged weights: auto (bfloat16 on a CPU with native bf16 matmul), float32, bfloat16.")] = "auto",
     no_similarity: Annotated[bool, typer.Option("--no-similarity", help="Skip semantic similarity.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -324,7 +328,8 @@ def evaluate_cmd(
         train_data=str(train_data) if train_data else None,
         task=task,
         labels=str(labels) if labels else None,
-        cfg=PredictConfig(mode=mode, min_confidence=min_confidence, merge=merge),
+        cfg=PredictConfig(mode=mode, min_confidence=min_confidence, merge=merge,
+                          merge_dtype=merge_dtype),
         overwrite=overwrite,
         similarity=not no_similarity,
     )

@@ -152,7 +152,7 @@ def measure(model: str, texts: list[str], *, labels: str | None, task: str,
             "peak_memory_mb": peak, "model_memory_mb": model_mem, "memory_kind": kind,
             "disk_mb": _model_disk_bytes(model, pred.loaded.meta) / 2**20,
             "quantization": quantization or pred.loaded.meta.get("quantization", "none"),
-            "merged_in_memory": pred.merged_layers > 0,
+            "merged_in_memory": pred.merged_dtype is not None,
             **stats}
 
 

@@ -40,6 +40,7 @@ __all__ = ["Predictor", "per_row_generate_baseline", "predict_file"]
 AUTO_BATCH = {"cpu": 16, "cuda": 64}  # first batch size when predict.batch_size = 0; halved on OOM
 MODES = ("constrained", "generate")
 MERGE_MODES = ("auto", "yes", "no")
+MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # + "auto"
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -73,7 +74,7 @@ class Predictor:
         self.device = model_device(loaded.model)
         self.batch_size = cfg.batch_size or AUTO_BATCH.get(self.device.type, 16)
         self.context_limit = _context_limit(loaded)
-        self.merged_layers = 0  # layers merged in memory (predict.merge); see from_path
+        self.merged_dtype: str | None = None  # weights merged in memory, e.g. 'bfloat16'; from_path
 
     @classmethod
     def from_path(cls, path: str, *, labels: str | None = None, task: str = "protocol",
@@ -86,7 +87,8 @@ class Predictor:
         loaded = load_for_inference(path, model_cfg, labels=labels, task=task,
                                     quantization=quantization)
         predictor = cls(loaded, cfg, snap=snap)
-        predictor.merged_layers = merge_in_memory(loaded.model, predictor.cfg.merge)
+        merged = merge_in_memory(loaded.model, predictor.cfg.merge, predictor.cfg.merge_dtype)
+        predictor.merged_dtype = None if merged is None else str(merged).removeprefix("torch.")
         return predictor
 
     @property
@@ -212,25 +214,41 @@ class Predictor:
 def _check_merge(cfg: PredictConfig) -> None:
     if cfg.merge not in MERGE_MODES:
         raise ConfigError(f"predict.merge: unknown '{cfg.merge}' (auto, yes, no)")
+    if cfg.merge_dtype != "auto" and cfg.merge_dtype not in MERGE_DTYPES:
+        raise ConfigError(f"predict.merge_dtype: unknown '{cfg.merge_dtype}' (auto, float32, bfloat16)")
 
 
-def merge_in_memory(model, mode: str) -> int:
+def merged_weight_dtype(model, name: str) -> torch.dtype:
+    """``predict.merge_dtype`` for this model: 'auto' = bfloat16 for a float32 model on a CPU
+    with native bf16 matmul, else the model's own dtype."""
+    from medtune.merge import float_dtype, native_bf16_matmul
+
+    if name != "auto":
+        return MERGE_DTYPES[name]
+    own = float_dtype(model)
+    cpu_bf16 = model_device(model).type == "cpu" and own == torch.float32 and native_bf16_matmul()
+    return torch.bfloat16 if cpu_bf16 else own
+
+
+def merge_in_memory(model, mode: str, dtype: str = "auto") -> torch.dtype | None:
     """``predict.merge``: fold a loaded run's LoRA adapter, and its 4-/8-bit base, into plain
-    layers (``medtune.merge.fold_in_memory``). 'auto' does it only on CPU, in float32, for a
-    model with an adapter whose merged weights fit in a quarter of the free memory: on a GPU the
-    4-bit base saves memory and its kernels are fast, and rounding W + BA to 16 bits would lose
-    part of the update. Returns the number of layers merged."""
+    layers (``medtune.merge.fold_in_memory``) whose weights are in ``dtype``
+    (``predict.merge_dtype``). 'auto' does it only on CPU, in a float32 model, with an adapter
+    whose merged weights fit in a quarter of the free memory: on a GPU the 4-bit base saves
+    memory and its kernels are fast. Returns the merged weights' dtype; None when nothing was
+    merged."""
     if mode == "no" or (mode == "auto" and not hasattr(model, "peft_config")):
-        return 0
+        return None
     from medtune.merge import available_memory, float_dtype, fold_blocker, fold_bytes, fold_in_memory
 
+    weights = merged_weight_dtype(model, dtype)
     if mode == "auto":
         free = available_memory()
         if model_device(model).type != "cpu" or float_dtype(model) != torch.float32 \
                 or fold_blocker(model) is not None \
-                or fold_bytes(model) > (free if free is not None else 2**33) // 4:
-            return 0
-    return fold_in_memory(model)
+                or fold_bytes(model, weights) > (free if free is not None else 2**33) // 4:
+            return None
+    return weights if fold_in_memory(model, weights) else None
 
 
 def _valid_text(text: Any) -> str:
@@ -322,7 +340,8 @@ def predict_file(model: str | Predictor, data: str, output: str, cfg: PredictCon
                                  overwrite=overwrite, snap=snap, cop_base=cop_base,
                                  progress=progress, engine="local", model_name=_model_name(model))
     if used:
-        summary["merged_in_memory"] = used[0].merged_layers > 0
+        summary["merged_in_memory"] = used[0].merged_dtype is not None
+        summary["merged_dtype"] = used[0].merged_dtype
     return summary
 
 

@@ -305,9 +305,9 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
                 predictor.predict_texts, executor=executor, window_ms=batch_window_ms,
                 max_size=max_batch_size)
             state["predictor"] = predictor
-            merged = getattr(predictor, "merged_layers", 0)
+            merged = getattr(predictor, "merged_dtype", None)
             log.info("model %s ready (%d labels%s)", model_name, len(predictor.labels),
-                     f"; adapter merged in memory, {merged} layers" if merged else "")
+                     f"; adapter merged in memory, {merged} weights" if merged else "")
             await batcher.run()
 
         task = asyncio.create_task(load())
