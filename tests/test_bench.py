@@ -119,5 +119,5 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
     assert json.loads((tmp_path / "out" / "bench_predict.json").read_text())["n"] == 20
     md = (tmp_path / "out" / "bench_predict.md").read_text()
     assert "constrained batch scoring" in md and "Ceiling: reading the prompts alone" in md
-    assert "against generation on the same merged copy" in md
+    assert "against generation on the merged copy (like for like)" in md
     assert "label log-probabilities differ from base + adapter's" in md

@@ -207,6 +207,8 @@ def test_bf16_merged_weights_keep_float32_activations_and_the_predictions(qlora_
                    for d in ("float32", "bfloat16"))
     kept = Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="no"))
     assert half.merged_dtype == "bfloat16"
+    generating = Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(mode="generate"))
+    assert generating.merged_dtype == "float32"  # auto: generation keeps float32 weights
     cast = [m for m in half.model.modules() if isinstance(m, CastLinear)]
     assert cast and all(m.weight.dtype == torch.bfloat16 for m in cast)
     assert not any(isinstance(m, CastLinear) for m in exact.model.modules())
@@ -256,6 +258,7 @@ def test_auto_merge_only_on_cpu_fp32_peft_models_that_fit(qlora_run, tiny_base, 
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(merge_mod, "native_bf16_matmul", lambda native=native: native)
         assert predict_mod.merged_weight_dtype(model, "auto") == expected
+        assert predict_mod.merged_weight_dtype(model, "auto", generate=True) == torch.float32
     assert predict_mod.merged_weight_dtype(model, "bfloat16") == torch.bfloat16
     monkeypatch.setattr(predict_mod, "model_device", lambda m: torch.device("cuda"))
     assert predict_mod.merged_weight_dtype(model, "auto") == torch.float32  # the model's own

@@ -87,7 +87,9 @@ class Predictor:
         loaded = load_for_inference(path, model_cfg, labels=labels, task=task,
                                     quantization=quantization)
         predictor = cls(loaded, cfg, snap=snap)
-        merged = merge_in_memory(loaded.model, predictor.cfg.merge, predictor.cfg.merge_dtype)
+        cfg = predictor.cfg
+        merged = merge_in_memory(loaded.model, cfg.merge, cfg.merge_dtype,
+                                 generate=cfg.mode == "generate")
         predictor.merged_dtype = None if merged is None else str(merged).removeprefix("torch.")
         return predictor
 
@@ -218,19 +220,21 @@ def _check_merge(cfg: PredictConfig) -> None:
         raise ConfigError(f"predict.merge_dtype: unknown '{cfg.merge_dtype}' (auto, float32, bfloat16)")
 
 
-def merged_weight_dtype(model, name: str) -> torch.dtype:
-    """``predict.merge_dtype`` for this model: 'auto' = bfloat16 for a float32 model on a CPU
-    with native bf16 matmul, else the model's own dtype."""
+def merged_weight_dtype(model, name: str, *, generate: bool = False) -> torch.dtype:
+    """``predict.merge_dtype`` for this model: 'auto' = bfloat16 for batched scoring with a
+    float32 model on a CPU with native bf16 matmul, else the model's own dtype. Generation feeds
+    one token at a time, where the casts cost more than bf16 saves (0.77x notes/s measured)."""
     from medtune.merge import float_dtype, native_bf16_matmul
 
     if name != "auto":
         return MERGE_DTYPES[name]
     own = float_dtype(model)
     cpu_bf16 = model_device(model).type == "cpu" and own == torch.float32 and native_bf16_matmul()
-    return torch.bfloat16 if cpu_bf16 else own
+    return torch.bfloat16 if cpu_bf16 and not generate else own
 
 
-def merge_in_memory(model, mode: str, dtype: str = "auto") -> torch.dtype | None:
+def merge_in_memory(model, mode: str, dtype: str = "auto", *,
+                    generate: bool = False) -> torch.dtype | None:
     """``predict.merge``: fold a loaded run's LoRA adapter, and its 4-/8-bit base, into plain
     layers (``medtune.merge.fold_in_memory``) whose weights are in ``dtype``
     (``predict.merge_dtype``). 'auto' does it only on CPU, in a float32 model, with an adapter
@@ -241,7 +245,7 @@ def merge_in_memory(model, mode: str, dtype: str = "auto") -> torch.dtype | None
         return None
     from medtune.merge import available_memory, float_dtype, fold_blocker, fold_bytes, fold_in_memory
 
-    weights = merged_weight_dtype(model, dtype)
+    weights = merged_weight_dtype(model, dtype, generate=generate)
     if mode == "auto":
         free = available_memory()
         if model_device(model).type != "cpu" or float_dtype(model) != torch.float32 \
