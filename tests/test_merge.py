@@ -195,7 +195,30 @@ def test_predictor_merges_a_run_on_cpu_unless_told_not_to(qlora_run):
         Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge_dtype="float16"))
 
 
-def test_bf16_merged_weights_keep_float32_activations_and_the_predictions(qlora_run):
+def test_cast_linear_multiplies_in_bf16_and_returns_float32_with_a_float32_bias():
+    from medtune.merge import CastLinear, _plain_linear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8)
+    torch.nn.init.normal_(base.bias, std=1.0)
+    x = torch.randn(4, 16)
+    layer = _plain_linear(base, base.weight.detach().to(torch.bfloat16), torch.float32)
+    assert isinstance(layer, CastLinear) and layer.weight.dtype == torch.bfloat16
+    assert layer.bias.dtype == torch.float32 and torch.equal(layer.bias, base.bias)
+    with torch.no_grad():
+        y, ref = layer(x), base(x)
+        bf16_product = (x.bfloat16() @ base.weight.bfloat16().T).float()
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, bf16_product + base.bias, atol=1e-6)  # bias added after the cast
+    assert float((y - ref).abs().max()) < 0.1  # bf16 rounding of the product only
+    same = _plain_linear(base, base.weight.detach(), torch.float32)
+    assert type(same) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(same(x), ref)
+
+
+def test_bf16_merged_weights_keep_float32_activations_and_the_predictions(qlora_run, monkeypatch):
+    import medtune.merge as merge_mod
     from medtune.config import PredictConfig
     from medtune.merge import CastLinear
     from medtune.predict import Predictor
@@ -207,16 +230,18 @@ def test_bf16_merged_weights_keep_float32_activations_and_the_predictions(qlora_
                    for d in ("float32", "bfloat16"))
     kept = Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(merge="no"))
     assert half.merged_dtype == "bfloat16"
-    generating = Predictor.from_path(str(qlora_run), model_cfg=cpu, cfg=PredictConfig(mode="generate"))
+    monkeypatch.setattr(merge_mod, "native_bf16_matmul", lambda: True)  # any CPU: as if native
+    scoring, generating = (Predictor.from_path(str(qlora_run), model_cfg=cpu,
+                                               cfg=PredictConfig(mode=mode))
+                           for mode in ("constrained", "generate"))
+    assert scoring.merged_dtype == "bfloat16"
     assert generating.merged_dtype == "float32"  # auto: generation keeps float32 weights
     cast = [m for m in half.model.modules() if isinstance(m, CastLinear)]
     assert cast and all(m.weight.dtype == torch.bfloat16 for m in cast)
     assert not any(isinstance(m, CastLinear) for m in exact.model.modules())
     assert half.model.get_input_embeddings().weight.dtype == torch.float32
-    ids = torch.tensor([half.prompts(texts[:1], 1)[0]])
     with torch.no_grad():
-        hidden = half.model(input_ids=ids, output_hidden_states=True).hidden_states
-    assert all(h.dtype == torch.float32 for h in hidden)  # the residual stream stays float32
+        assert cast[0](torch.randn(2, cast[0].in_features)).dtype == torch.float32
     s_exact, s_half = exact.scores(texts), half.scores(texts)
     with kept.model.disable_adapter():
         s_base = kept.scores(texts)
@@ -260,6 +285,7 @@ def test_auto_merge_only_on_cpu_fp32_peft_models_that_fit(qlora_run, tiny_base, 
         assert predict_mod.merged_weight_dtype(model, "auto") == expected
         assert predict_mod.merged_weight_dtype(model, "auto", generate=True) == torch.float32
     assert predict_mod.merged_weight_dtype(model, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(merge_mod, "native_bf16_matmul", lambda: True)
     monkeypatch.setattr(predict_mod, "model_device", lambda m: torch.device("cuda"))
     assert predict_mod.merged_weight_dtype(model, "auto") == torch.float32  # the model's own
     assert merge_in_memory(model, "auto") is None  # "on a GPU"

@@ -4,11 +4,12 @@ sides taking turns on chunks of notes.
 
 On CPU medtune merges a run's adapter in memory (``predict.merge=auto``); the original pipeline
 generated from the 4-bit base + adapter, so generation runs on that, and once more on the merged
-copy (the like-for-like ratio). Where the merged weights are bf16 (``predict.merge_dtype=auto``
-on a CPU with native bf16 matmul) the same scorer also runs with float32 weights, and generation
-on the merged copy uses those, as generate mode would. A last timing reads the prompts only (one distribution per note,
-no label tokens): no method that runs every note through the network can beat it, so ceiling /
-baseline is the largest speed-up this model and machine allow.
+copy. Where the merged weights are bf16 (``predict.merge_dtype=auto`` on a CPU with native bf16
+matmul) the same scorer also runs with float32 weights, and generation on the merged copy uses
+those, as generate mode would: the like-for-like ratio compares float32 with float32. A last
+timing reads the prompts only (one distribution per note, no label tokens): no method that runs
+every note through the network can beat it, so ceiling / baseline is the largest speed-up this
+model and machine allow.
 
 Writes ``<output>/bench_predict.json`` and ``.md`` and prints the table.
 """
@@ -117,14 +118,13 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                     max_new_tokens=max_new_tokens, seed=seed + k)
 
             others = {"generate": generate(original)}
-            exact = predictor
-            if predictor.merged_dtype not in (None, "float32"):  # what the bf16 weights buy
-                exact = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size,
-                                                                    merge_dtype="float32"))
+            exact = _float32_copy(predictor, path, batch_size)
+            if exact is not None:  # what the bf16 weights buy
                 others["constrained_float32"] = lambda part, k: [
                     r["prediction"] for r in exact.predict_texts(part)]
-            if original is not predictor:  # generation on the same in-memory merge, with the
-                others["generate_merged"] = generate(exact)  # weights generate mode would get
+            merged_copy = exact or predictor  # generate mode's weights: float32 where it can
+            if original is not predictor:  # generation on the same in-memory merge
+                others["generate_merged"] = generate(merged_copy)
             sides = _predict_sides(predictor, texts, chunk, progress, others)
             merge_check = _merge_check(predictor, original, texts[:100])
     finally:
@@ -135,6 +135,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                               "labels": len(labels), "threads": threads,
                               "merged_in_memory": predictor.merged_dtype is not None,
                               "merged_dtype": predictor.merged_dtype,
+                              "generate_merged_dtype": merged_copy.merged_dtype,
                               "merge_check": merge_check,
                               "prepare_s": round(prep_s, 1), "sides": {}}
     ceiling_s = sides.pop("prompt_only")[1]
@@ -145,12 +146,13 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             "in_label_set": sum(p in labels for p in preds) / len(texts)}
     c, g = result["sides"]["constrained"], result["sides"]["generate"]
     result["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    like = c  # the constrained side whose weights generate_merged shares
     if "constrained_float32" in result["sides"]:
-        exact = result["sides"]["constrained_float32"]["notes_per_s"]
-        result["speedup_merge_dtype"] = c["notes_per_s"] / max(exact, 1e-9)
+        like = result["sides"]["constrained_float32"]
+        result["speedup_merge_dtype"] = c["notes_per_s"] / max(like["notes_per_s"], 1e-9)
     if "generate_merged" in result["sides"]:
         gm = result["sides"]["generate_merged"]["notes_per_s"]
-        result["speedup_vs_generate_merged"] = c["notes_per_s"] / max(gm, 1e-9)
+        result["speedup_vs_generate_merged"] = like["notes_per_s"] / max(gm, 1e-9)
         result["speedup_ceiling_vs_generate_merged"] = (len(texts) / max(ceiling_s, 1e-9)
                                                         / max(gm, 1e-9))
     result["accuracy_gain"] = c["accuracy"] - g["accuracy"]
@@ -166,6 +168,19 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     write_text(md_path, md)
     print(md)
     return result
+
+
+def _float32_copy(predictor, path: str, batch_size: int):
+    """Where ``predictor``'s merged weights are not float32, the same run merged with float32
+    weights; None otherwise, or when that copy does not fit (``predict.merge=auto`` declined)."""
+    from medtune.config import PredictConfig
+    from medtune.predict import Predictor
+
+    if predictor.merged_dtype in (None, "float32"):
+        return None
+    exact = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size,
+                                                        merge_dtype="float32"))
+    return exact if exact.merged_dtype == "float32" else None
 
 
 def _merge_check(merged, original, texts: list[str]) -> dict[str, Any] | None:
@@ -226,7 +241,8 @@ def _predict_markdown(r: dict[str, Any]) -> str:
              "constrained_float32": "the same with float32 weights (predict.merge_dtype=float32)",
              "generate": "per-note sampled generation (original)"
                          + (", 4-bit base + adapter" if merged else ""),
-             "generate_merged": "per-note sampled generation on the merged copy (float32 weights)"}
+             "generate_merged": "per-note sampled generation on the merged copy "
+                                f"({r.get('generate_merged_dtype')} weights)"}
     rows = [[names[s], v["notes_per_s"], v["accuracy"], v["in_label_set"], v["seconds"]]
             for s, v in r["sides"].items()]
     table = _md_table(["side", "notes/s", "accuracy", "in label set", "seconds"], rows)
@@ -235,12 +251,12 @@ def _predict_markdown(r: dict[str, Any]) -> str:
     if "speedup_vs_generate_merged" in r:
         text += (" against the original pipeline (4-bit base + adapter), "
                  f"x{r['speedup_vs_generate_merged']:.1f} against generation on the merged copy "
-                 "(like for like)")
+                 f"(like for like: both with {r.get('generate_merged_dtype')} weights)")
     text += f"; accuracy {r['accuracy_gain']:+.3f} (constrained minus generation)\n"
     if "speedup_merge_dtype" in r:
         text += (f"\n{r['merged_dtype']} weights (predict.merge_dtype=auto: this CPU multiplies "
-                 f"bf16 natively): x{r['speedup_merge_dtype']:.2f} the notes/s of float32 weights; "
-                 "generation keeps float32 weights, which are faster one token at a time.\n")
+                 f"bf16 natively): x{r['speedup_merge_dtype']:.2f} the notes/s of float32 weights. "
+                 "Generation on the merged copy uses float32 weights, as generate mode does.\n")
     if check:
         text += ("\nmedtune merged the run's adapter into a dequantized float copy of its base in "
                  "memory (predict.merge=auto, CPU). On the first "

@@ -152,7 +152,7 @@ def measure(model: str, texts: list[str], *, labels: str | None, task: str,
             "peak_memory_mb": peak, "model_memory_mb": model_mem, "memory_kind": kind,
             "disk_mb": _model_disk_bytes(model, pred.loaded.meta) / 2**20,
             "quantization": quantization or pred.loaded.meta.get("quantization", "none"),
-            "merged_in_memory": pred.merged_dtype is not None,
+            "merged_in_memory": pred.merged_dtype,  # the merged weights' dtype, None if not
             **stats}
 
 
@@ -223,7 +223,7 @@ def summary_row(name: str, m: dict[str, Any], metrics: dict[str, Any]) -> dict[s
             "size_mb": round(m["disk_mb"], 2), "weight_mb": round(m["weight_mb"], 3),
             "params": int(m["params"]), "bits_per_param": round(m["bits_per_param"], 3),
             "quantized_bits_per_param": None if qbits is None else round(qbits, 3),
-            "merged_in_memory": bool(m.get("merged_in_memory")),
+            "merged_in_memory": m.get("merged_in_memory") or "no",
             "peak_memory_mb": round(m["peak_memory_mb"], 1),
             "model_memory_mb": round(m["model_memory_mb"], 1),
             "latency_p50_ms": _r(lat["p50_ms"], 2), "latency_p95_ms": _r(lat["p95_ms"], 2),

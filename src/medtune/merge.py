@@ -183,8 +183,8 @@ def float_dtype(model) -> torch.dtype:
 
 
 def native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX), where a
-    bf16 matmul runs about twice as fast as a float32 one (measured on an AVX512-BF16 CPU)."""
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX). On an
+    AVX512-BF16 CPU a bf16 matmul of prediction's shapes ran 1.6-2.4x as fast as float32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
@@ -223,22 +223,25 @@ def available_memory() -> int | None:
 
 
 class CastLinear(torch.nn.Linear):
-    """A linear layer whose weights are stored and multiplied in another dtype than the
-    activations around it (bf16 weights in a float32 model): the input is cast to the weights'
-    dtype and the output back, so residual sums, norms, attention and the LM head keep the
-    model's precision."""
+    """A linear layer whose weight is stored and multiplied in another dtype than the
+    activations around it (bf16 weights in a float32 model): the input is cast to the weight's
+    dtype and the product back, then the bias (kept in the activations' dtype) is added, so
+    residual sums, norms, attention and the LM head keep the model's precision."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+        y = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
+@torch.no_grad()
 def _plain_linear(base, weight: torch.Tensor, compute: torch.dtype) -> torch.nn.Linear:
     kind = torch.nn.Linear if weight.dtype == compute else CastLinear
-    layer = kind(base.in_features, base.out_features, bias=base.bias is not None,
-                 device=weight.device, dtype=weight.dtype)
+    layer = kind(base.in_features, base.out_features, bias=False, device=weight.device,
+                 dtype=weight.dtype)
     layer.weight.copy_(weight)
     if base.bias is not None:
-        layer.bias.copy_(base.bias.to(weight.dtype))
+        bias = base.bias.detach().to(weight.dtype if kind is torch.nn.Linear else compute)
+        layer.bias = torch.nn.Parameter(bias.clone())
     return layer.requires_grad_(False)
 
 
