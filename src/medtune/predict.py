@@ -223,7 +223,8 @@ def _check_merge(cfg: PredictConfig) -> None:
 def merged_weight_dtype(model, name: str, *, generate: bool = False) -> torch.dtype:
     """``predict.merge_dtype`` for this model: 'auto' = bfloat16 for batched scoring with a
     float32 model on a CPU with native bf16 matmul, else the model's own dtype. Generation feeds
-    one token at a time, where the casts cost more than bf16 saves (0.77x notes/s measured)."""
+    one token at a time, where the casts cost more than bf16 saves (0.73-0.91x the notes/s of
+    float32 weights on an AVX512-BF16 CPU, ``benchmarks/merge_dtype.py``)."""
     from medtune.merge import float_dtype, native_bf16_matmul
 
     if name != "auto":
