@@ -305,3 +305,37 @@ def test_auto_merge_only_on_cpu_fp32_peft_models_that_fit(qlora_run, tiny_base, 
     assert merge_in_memory(dora, "auto") is None
     with pytest.raises(MedtuneError, match="cannot merge the adapter in memory"):
         merge_in_memory(dora, "yes")
+
+
+def test_a_merged_directory_is_cast_to_bf16_for_scoring_only(qlora_run, tmp_path, monkeypatch):
+    import medtune.merge as merge_mod
+    from medtune.config import PredictConfig
+    from medtune.merge import CastLinear
+    from medtune.predict import Predictor, predict_file
+
+    out = tmp_path / "merged"
+    merge(qlora_run, out)
+    cpu = ModelConfig(device="cpu")
+    texts = TINY_NOTES[:8]
+    monkeypatch.setattr(merge_mod, "native_bf16_matmul", lambda: True)  # any CPU: as if native
+    preds = {name: Predictor.from_path(str(out), model_cfg=cpu, cfg=PredictConfig(**kw))
+             for name, kw in {"auto": {}, "float32": {"merge_dtype": "float32"},
+                              "no": {"merge": "no"}, "generate": {"mode": "generate"}}.items()}
+    half = preds["auto"]
+    assert half.weights_dtype == "bfloat16" and half.merged_dtype is None  # cast, not merged
+    for name in ("float32", "no", "generate"):
+        assert preds[name].weights_dtype is None
+        assert not any(isinstance(m, CastLinear) for m in preds[name].model.modules())
+    cast = [n for n, m in half.model.named_modules() if isinstance(m, CastLinear)]
+    plain = [n for n, m in preds["no"].model.named_modules() if type(m) is torch.nn.Linear]
+    assert cast and sorted(cast) == sorted(n for n in plain if "lm_head" not in n)
+    head = half.model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    s_half, s_exact = half.scores(texts), preds["no"].scores(texts)
+    assert 0 < float((s_half - s_exact).abs().max()) < 0.05  # bf16 rounding, nothing more
+    assert torch.equal(s_half.argmax(1), s_exact.argmax(1))
+
+    data = tmp_path / "notes.csv"
+    pd.DataFrame({"text": texts}).to_csv(data, index=False)
+    summary = predict_file(half, str(data), str(tmp_path / "pred.csv"), half.cfg, progress=False)
+    assert summary["weights_dtype"] == "bfloat16" and summary["merged_in_memory"] is False

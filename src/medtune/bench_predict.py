@@ -104,7 +104,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             predictor = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size))
             # the original pipeline: base (4-bit for a QLoRA run) + adapter, as trained
             original = (Predictor.from_path(path, cfg=PredictConfig(merge="no"))
-                        if predictor.merged_dtype else predictor)
+                        if predictor.weights_dtype else predictor)
             if data:
                 from medtune.data import load_labeled
 
@@ -123,7 +123,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                 others["constrained_float32"] = lambda part, k: [
                     r["prediction"] for r in exact.predict_texts(part)]
             merged_copy = exact or predictor  # generate mode's weights: float32 where it can
-            if original is not predictor:  # generation on the same in-memory merge
+            if predictor.merged_dtype:  # generation on the same in-memory merge
                 others["generate_merged"] = generate(merged_copy)
             sides = _predict_sides(predictor, texts, chunk, progress, others)
             merge_check = _merge_check(predictor, original, texts[:100])
@@ -135,6 +135,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                               "labels": len(labels), "threads": threads,
                               "merged_in_memory": predictor.merged_dtype is not None,
                               "merged_dtype": predictor.merged_dtype,
+                              "weights_dtype": predictor.weights_dtype,
                               "generate_merged_dtype": merged_copy.merged_dtype,
                               "merge_check": merge_check,
                               "prepare_s": round(prep_s, 1), "sides": {}}
@@ -171,15 +172,18 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
 
 
 def _float32_copy(predictor, path: str, batch_size: int):
-    """Where ``predictor``'s merged weights are not float32, the same run merged with float32
-    weights; None otherwise, or when that copy does not fit (``predict.merge=auto`` declined)."""
+    """Where ``predictor``'s merged or cast weights are not float32, the same model with float32
+    weights; None otherwise, or when that merged copy does not fit (``predict.merge=auto``
+    declined)."""
     from medtune.config import PredictConfig
     from medtune.predict import Predictor
 
-    if predictor.merged_dtype in (None, "float32"):
+    if predictor.weights_dtype in (None, "float32"):
         return None
     exact = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size,
                                                         merge_dtype="float32"))
+    if predictor.merged_dtype is None:  # cast only: float32 leaves the float32 layers as loaded
+        return exact
     return exact if exact.merged_dtype == "float32" else None
 
 
@@ -234,10 +238,10 @@ def _predict_markdown(r: dict[str, Any]) -> str:
             f"{r['model']}; {r['threads']} thread(s), {m.get('cpus')} CPUs"
             f"{', ' + m['gpu'] if m.get('gpu') else ''}, load average {m.get('load_avg_1m')}. "
             "Sides alternate on chunks of notes.\n\n")
-    merged = r.get("merged_in_memory")
+    merged, cast = r.get("merged_in_memory"), r.get("weights_dtype")
     names = {"constrained": "constrained batch scoring (medtune)"
                             + (f", adapter merged in memory ({r.get('merged_dtype')} weights)"
-                               if merged else ""),
+                               if merged else f", linear layers cast to {cast}" if cast else ""),
              "constrained_float32": "the same with float32 weights (predict.merge_dtype=float32)",
              "generate": "per-note sampled generation (original)"
                          + (", 4-bit base + adapter" if merged else ""),
@@ -254,10 +258,16 @@ def _predict_markdown(r: dict[str, Any]) -> str:
                  f"(like for like: both with {r.get('generate_merged_dtype')} weights)")
     text += f"; accuracy {r['accuracy_gain']:+.3f} (constrained minus generation)\n"
     if "speedup_merge_dtype" in r:
-        text += (f"\n{r['merged_dtype']} weights (predict.merge_dtype=auto: this CPU multiplies "
+        text += (f"\n{r['weights_dtype']} weights (predict.merge_dtype=auto: this CPU multiplies "
                  f"bf16 natively): x{r['speedup_merge_dtype']:.2f} the notes/s of float32 weights. "
-                 "Generation on the merged copy uses float32 weights, as generate mode does.\n")
-    if check:
+                 + ("Generation on the merged copy uses float32 weights, as generate mode does.\n"
+                    if merged else "Generation uses the float32 model as loaded.\n"))
+    if check and not merged:
+        text += (f"\nmedtune cast the model's linear layers to {cast} in memory. On the first "
+                 f"{check['notes']} notes its label log-probabilities differ from the float32 "
+                 f"model's by at most {check['max_abs_logprob_diff']:.3g}; same prediction for "
+                 f"{check['same_prediction']:.0%} of them.\n")
+    elif check:
         text += ("\nmedtune merged the run's adapter into a dequantized float copy of its base in "
                  "memory (predict.merge=auto, CPU). On the first "
                  f"{check['notes']} notes its label log-probabilities differ from base + adapter's "

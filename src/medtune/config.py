@@ -101,9 +101,11 @@ class PredictConfig:
                            "before predicting: same outputs up to float rounding, faster on CPU. "
                            "'auto' = on CPU when the merged weights fit in a quarter of free memory; "
                            "'yes'; 'no' = keep base + adapter as trained.")
-    merge_dtype: str = _f("auto", "Weights of the layers merged in memory. 'auto' = bfloat16 for "
-                                 "constrained scoring on a CPU with native bf16 matmul (AVX512-BF16 "
-                                 "or AMX), else the model's dtype; activations between layers keep "
+    merge_dtype: str = _f("auto", "Weights of the layers merged in memory (and, for a model "
+                                 "without adapter such as a merged directory, of its linear layers "
+                                 "unless merge='no'). 'auto' = bfloat16 for constrained scoring of "
+                                 "a float32 model on a CPU with native bf16 matmul (AVX512-BF16 or "
+                                 "AMX), else the model's dtype; activations between layers keep "
                                  "the model's dtype. 'float32' or 'bfloat16' to force one.")
 
 

@@ -152,7 +152,9 @@ def measure(model: str, texts: list[str], *, labels: str | None, task: str,
             "peak_memory_mb": peak, "model_memory_mb": model_mem, "memory_kind": kind,
             "disk_mb": _model_disk_bytes(model, pred.loaded.meta) / 2**20,
             "quantization": quantization or pred.loaded.meta.get("quantization", "none"),
-            "merged_in_memory": pred.merged_dtype,  # the merged weights' dtype, None if not
+            # the merged weights' dtype, 'cast to <dtype>' for a model cast at load, None if neither
+            "merged_in_memory": pred.merged_dtype or (
+                f"cast to {pred.weights_dtype}" if getattr(pred, "weights_dtype", None) else None),
             **stats}
 
 

@@ -279,3 +279,18 @@ def fold_in_memory(model, dtype: torch.dtype | None = None) -> int:
         _replace(model, name, _plain_linear(module, dequantized_weight(module).to(dtype), compute))
         replaced += 1
     return replaced
+
+
+@torch.no_grad()
+def cast_linears(model, dtype: torch.dtype) -> int:
+    """Store the transformer body's plain linear layers (a merged model directory, a float
+    base) in ``dtype`` as ``CastLinear`` layers; embeddings, norms and the LM head keep their
+    dtype. Returns the number of layers replaced (0 when they are already in ``dtype``)."""
+    compute = float_dtype(model)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    names = [n for n, m in body.named_modules()
+             if type(m) is torch.nn.Linear and m.weight.dtype != dtype]
+    for name in names:
+        module = body.get_submodule(name)
+        _replace(body, name, _plain_linear(module, module.weight.detach().to(dtype), compute))
+    return len(names)

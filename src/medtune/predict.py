@@ -75,6 +75,7 @@ class Predictor:
         self.batch_size = cfg.batch_size or AUTO_BATCH.get(self.device.type, 16)
         self.context_limit = _context_limit(loaded)
         self.merged_dtype: str | None = None  # weights merged in memory, e.g. 'bfloat16'; from_path
+        self.weights_dtype: str | None = None  # linear weights merged or cast at load; from_path
 
     @classmethod
     def from_path(cls, path: str, *, labels: str | None = None, task: str = "protocol",
@@ -88,9 +89,12 @@ class Predictor:
                                     quantization=quantization)
         predictor = cls(loaded, cfg, snap=snap)
         cfg = predictor.cfg
-        merged = merge_in_memory(loaded.model, cfg.merge, cfg.merge_dtype,
-                                 generate=cfg.mode == "generate")
-        predictor.merged_dtype = None if merged is None else str(merged).removeprefix("torch.")
+        generate = cfg.mode == "generate"
+        merged = merge_in_memory(loaded.model, cfg.merge, cfg.merge_dtype, generate=generate)
+        cast = None if merged else cast_in_memory(loaded.model, cfg.merge, cfg.merge_dtype,
+                                                  generate=generate)
+        predictor.merged_dtype = _dtype_name(merged)
+        predictor.weights_dtype = _dtype_name(merged or cast)
         return predictor
 
     @property
@@ -213,6 +217,10 @@ class Predictor:
         return rows
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def _check_merge(cfg: PredictConfig) -> None:
     if cfg.merge not in MERGE_MODES:
         raise ConfigError(f"predict.merge: unknown '{cfg.merge}' (auto, yes, no)")
@@ -254,6 +262,23 @@ def merge_in_memory(model, mode: str, dtype: str = "auto", *,
                 or fold_bytes(model, weights) > (free if free is not None else 2**33) // 4:
             return None
     return weights if fold_in_memory(model, weights) else None
+
+
+def cast_in_memory(model, mode: str, dtype: str = "auto", *,
+                   generate: bool = False) -> torch.dtype | None:
+    """``predict.merge_dtype`` for a model without an adapter whose layers are plain float
+    linears (a merged model directory, a float base): unless ``mode`` is 'no', store the
+    transformer body's linear layers in that dtype when it differs from the model's (auto:
+    bfloat16 for constrained scoring of a float32 model on a CPU with native bf16 matmul).
+    Returns the new dtype; None when nothing changed."""
+    if mode == "no" or hasattr(model, "peft_config"):
+        return None
+    from medtune.merge import cast_linears, float_dtype
+
+    weights = merged_weight_dtype(model, dtype, generate=generate)
+    if weights == float_dtype(model):
+        return None
+    return weights if cast_linears(model, weights) else None
 
 
 def _valid_text(text: Any) -> str:
@@ -347,6 +372,7 @@ def predict_file(model: str | Predictor, data: str, output: str, cfg: PredictCon
     if used:
         summary["merged_in_memory"] = used[0].merged_dtype is not None
         summary["merged_dtype"] = used[0].merged_dtype
+        summary["weights_dtype"] = used[0].weights_dtype
     return summary
 
 

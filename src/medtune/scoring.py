@@ -159,7 +159,7 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
               "position_ids": pos.to(device), "use_cache": False}
     if cache is not None:
         cache.batch_repeat_interleave(batch)
-        inputs["past_key_values"] = cache
+        inputs[_cache_keyword(decoder(model))] = cache
     src = src_idx.to(device)[..., None]
     if is_sharded(model):  # FSDP (validation): the root forward, whose hooks gather the head
         logits = unwrap(model)(**inputs).logits
@@ -171,6 +171,15 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     flat = (plan.source * logp.shape[-1] + plan.token).to(device)           # node m in [S * V]
     node_lp = logp.reshape(batch, -1).gather(1, flat.expand(batch, -1)).cpu()  # [B, M]
     return node_lp @ plan.member.T
+
+
+def _cache_keyword(module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` since transformers 5.24 (which
+    deprecates ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(type(module).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 MIN_SHARED = 8  # shorter common prefixes are not worth a second forward pass
@@ -191,7 +200,7 @@ def _prefix_cache(model, prompts: Sequence[Sequence[int]], device) -> tuple[int,
     if shared < MIN_SHARED:
         return 0, None
     out = decoder(model)(input_ids=torch.tensor([list(first[:shared])], device=device), use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache if "cache" in out else out.past_key_values
     return (shared, cache) if isinstance(cache, DynamicCache) else (0, None)
 
 

@@ -306,8 +306,10 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
                 max_size=max_batch_size)
             state["predictor"] = predictor
             merged = getattr(predictor, "merged_dtype", None)
+            cast = getattr(predictor, "weights_dtype", None)
             log.info("model %s ready (%d labels%s)", model_name, len(predictor.labels),
-                     f"; adapter merged in memory, {merged} weights" if merged else "")
+                     f"; adapter merged in memory, {merged} weights" if merged
+                     else f"; linear layers cast to {cast}" if cast else "")
             await batcher.run()
 
         task = asyncio.create_task(load())
