@@ -125,3 +125,20 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
     assert "constrained batch scoring" in md and "Ceiling: reading the prompts alone" in md
     assert "against generation on the merged copy (like for like: both with float32 weights)" in md
     assert "label log-probabilities differ from base + adapter's" in md
+
+    # a merged directory: nothing to merge, its float32 linear layers are cast to bf16 instead;
+    # the generation side and the float32 side both use the directory as loaded
+    from medtune.merge import merge
+
+    merged = merge(run, tmp_path / "merged")
+    assert merged["dtype"] == "float32"
+    loads.clear()
+    r = bench_predict(tmp_path / "out_merged", n=20, model=str(tmp_path / "merged"),
+                      data=str(data), chunk=10, max_new_tokens=4, progress=False)
+    assert loads == [("auto", "auto", None), ("no", "auto", None), ("auto", "float32", None)]
+    assert r["merged_in_memory"] is False and r["weights_dtype"] == "bfloat16"
+    assert set(r["sides"]) == {"constrained", "generate", "constrained_float32"}
+    assert r["merge_check"]["notes"] == 20 and r["merge_check"]["max_abs_logprob_diff"] < 0.5
+    md = (tmp_path / "out_merged" / "bench_predict.md").read_text()
+    assert "linear layers cast to bfloat16" in md and "medtune cast the model's linear layers" in md
+    assert "Generation uses the float32 model as loaded" in md
