@@ -260,8 +260,9 @@ def predict_cmd(
     merge: Annotated[str | None, typer.Option(
         help="Merge a run's adapter in memory first: auto (on CPU), yes, no.")] = None,
     merge_dtype: Annotated[str | None, typer.Option(
-        help="Merged weights: auto (bfloat16 for constrained mode on a CPU with native bf16 "
-             "matmul, else the model's dtype), float32, bfloat16.")] = None,
+        help="Merged weights, or a merged directory's linear layers: auto (bfloat16 for "
+             "constrained mode on a CPU with native bf16 matmul, else the model's dtype), "
+             "float32, bfloat16.")] = None,
     snap: Annotated[bool, typer.Option("--snap", help="Generate mode: map outputs to the nearest label.")] = False,
     keep_text: Annotated[bool, typer.Option("--keep-text", help="Copy note text into the output.")] = False,
     engine: Annotated[str, typer.Option(help="local or spark.")] = "local",
@@ -313,8 +314,9 @@ def evaluate_cmd(
         help="no: measure a run as trained (4-bit base + adapter); auto (on CPU) or yes: merged "
              "in memory, as predict does by default.")] = "no",
     merge_dtype: Annotated[str, typer.Option(
-        help="With --merge auto or yes, the merged weights: auto (bfloat16 for constrained mode "
-             "on a CPU with native bf16 matmul), float32, bfloat16.")] = "auto",
+        help="With --merge auto or yes, the merged weights (or a merged directory's linear "
+             "layers): auto (bfloat16 for constrained mode on a CPU with native bf16 matmul), "
+             "float32, bfloat16.")] = "auto",
     no_similarity: Annotated[bool, typer.Option("--no-similarity", help="Skip semantic similarity.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
