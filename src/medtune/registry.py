@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd  # MLflow resolves MedtuneModel.predict's type hints in this module
+
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.fsutil import atomic_dir, read_json, write_json
@@ -190,9 +192,8 @@ class MedtuneModel(PythonModel):
 
         self.predictor = Predictor.from_path(str(localize(context.artifacts[MODEL_ARTIFACT])))
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # the DataFrame hints keep MLflow from warning at every log; the signature is explicit
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         column = "text" if "text" in frame.columns else frame.columns[0]
         texts = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
@@ -244,7 +245,6 @@ def _requirements() -> list[str]:
 def register(run_dir: str | Path, name: str, alias: str = "champion") -> dict[str, Any]:
     """Log ``run_dir`` (a run or merged model directory) as a pyfunc model, register it as
     ``name`` and point ``alias`` at the new version."""
-    import pandas as pd
     from mlflow.models import infer_signature
 
     model_dir = Path(run_dir)
