@@ -154,7 +154,7 @@ def measure(model: str, texts: list[str], *, labels: str | None, task: str,
             "quantization": quantization or pred.loaded.meta.get("quantization", "none"),
             # the merged weights' dtype, 'cast to <dtype>' for a model cast at load, None if neither
             "merged_in_memory": pred.merged_dtype or (
-                f"cast to {pred.weights_dtype}" if getattr(pred, "weights_dtype", None) else None),
+                f"cast to {pred.weights_dtype}" if pred.weights_dtype else None),
             **stats}
 
 

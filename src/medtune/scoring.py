@@ -159,7 +159,7 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
               "position_ids": pos.to(device), "use_cache": False}
     if cache is not None:
         cache.batch_repeat_interleave(batch)
-        inputs[_cache_keyword(decoder(model))] = cache
+        inputs[_cache_keyword(type(decoder(model)))] = cache
     src = src_idx.to(device)[..., None]
     if is_sharded(model):  # FSDP (validation): the root forward, whose hooks gather the head
         logits = unwrap(model)(**inputs).logits
@@ -173,12 +173,14 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     return node_lp @ plan.member.T
 
 
-def _cache_keyword(module) -> str:
-    """The forward argument that takes a KV cache: ``cache`` since transformers 5.24 (which
-    deprecates ``past_key_values``), ``past_key_values`` before."""
+@functools.lru_cache(maxsize=16)
+def _cache_keyword(cls: type) -> str:
+    """The forward argument of decoder class ``cls`` that takes a KV cache: ``cache`` since
+    transformers 5.24 (which deprecates ``past_key_values``), ``past_key_values`` before.
+    Looked up once per class, not per batch."""
     import inspect
 
-    params = inspect.signature(type(module).forward).parameters
+    params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
