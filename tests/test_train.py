@@ -323,3 +323,41 @@ def test_micro_batches_and_oom_fallback_give_the_same_step(tiny_base, two_label_
         assert float((whole[name] - split[name]).abs().max()) < 1e-5, name
         assert float((whole[name] - oom[name]).abs().max()) < 1e-5, name
     assert any(float(v.abs().max()) > 1e-3 for k, v in whole.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "none"])
+def test_gradient_checkpointing_gives_the_same_step_without_warnings(mode, tiny_base,
+                                                                      two_label_data, tmp_path):
+    """Recomputing the layers in backward must change memory, not the update; and it must not
+    use the deprecated transformers method or torch's implicit re-entrant checkpoint."""
+    import warnings
+
+    common = (f"model.quantization={mode}", "train.max_steps=2", "train.lr=1e-2",
+              "lora.dropout=0", "train.eval_samples=2", "train.group_by_length=false")
+    plain = _adapter(train(tiny_cfg(tiny_base, *common), two_label_data, tmp_path / "a",
+                           val=two_label_data, progress=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = _adapter(train(tiny_cfg(tiny_base, *common, "model.gradient_checkpointing=true"),
+                              two_label_data, tmp_path / "b", val=two_label_data,
+                              progress=False))
+    texts = [str(w.message) for w in caught]
+    assert not [t for t in texts if "checkpointing_enable" in t or "use_reentrant" in t], texts
+    for name in plain:
+        assert float((plain[name] - ckpt[name]).abs().max()) < 1e-5, name
+    assert any(float(v.abs().max()) > 1e-3 for k, v in ckpt.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_gradient_checkpointing_is_on_in_every_decoder_layer(lora, tiny_base, two_label_data,
+                                                             tmp_path):
+    from medtune.train import setup
+
+    def layers(*extra: str) -> list[bool]:
+        cfg = tiny_cfg(tiny_base, "model.quantization=none", f"lora.enabled={lora}", *extra)
+        model = setup(cfg, two_label_data, tmp_path / str(len(extra)), val=two_label_data).model
+        return [m.gradient_checkpointing for m in model.modules()
+                if type(m).__name__.endswith("DecoderLayer")]
+
+    assert layers("model.gradient_checkpointing=true") == [True, True]
+    assert layers() == [False, False]

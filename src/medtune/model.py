@@ -130,17 +130,29 @@ def load_base_model(base: str, cfg: ModelConfig, tokenizer: Any | None = None,
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing: gradients reach the LoRA weights inside a checkpointed layer
+    even though the frozen embeddings' output does not require grad (no input hook needed), and
+    torch stops warning about the unset ``use_reentrant``. transformers >= 5.24 names the method
+    ``activation_checkpointing_enable``; older 5.x releases only have the deprecated name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def attach_lora(model, lora: LoraConfig, *, quantized: bool, gradient_checkpointing: bool = False):
     """Wrap ``model`` with trainable LoRA adapters (base weights frozen)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    if quantized:  # freezes the base, keeps norms in float32; checkpointing is ours (below)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     targets = lora.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         # PEFT reads a plain string as a regex over full module paths: 'q_proj' would match none

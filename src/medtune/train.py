@@ -41,6 +41,7 @@ from medtune.fsutil import atomic_dir, prepare_output_dir, read_json, write_json
 from medtune.model import (
     attach_lora,
     compute_dtype,
+    enable_checkpointing,
     load_base_model,
     load_tokenizer,
     resolve_device,
@@ -152,8 +153,8 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
                             gradient_checkpointing=cfg.model.gradient_checkpointing)
     if quantized:
         _keep_4bit_training_layout(model)
-    elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.model.gradient_checkpointing and not cfg.lora.enabled:  # (attach_lora did it)
+        enable_checkpointing(model)
     if world > 1:
         broadcast_trainable_(model)
         torch.manual_seed(cfg.train.seed + rank)  # independent dropout masks on each rank
