@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -361,3 +362,28 @@ def test_gradient_checkpointing_is_on_in_every_decoder_layer(lora, tiny_base, tw
 
     assert layers("model.gradient_checkpointing=true") == [True, True]
     assert layers() == [False, False]
+
+
+def test_qlora_keeps_frozen_weights_in_the_compute_dtype(tiny_base, two_label_data, tmp_path):
+    """bf16 compute (a GPU's; forced here on CPU): embeddings, norms and head stay bf16 instead of
+    peft's float32 upcast, the LoRA weights are float32, and the steps still train them."""
+    from medtune.evaluate import weight_stats
+    from medtune.model import attach_lora
+
+    cfg = tiny_cfg(tiny_base, "model.quantization=nf4", "model.compute_dtype=bfloat16",
+                   "train.max_steps=2", "train.lr=1e-2", "lora.dropout=0", "train.eval_samples=2")
+    tok = load_tokenizer(tiny_base)
+    ours = attach_lora(load_base_model(str(tiny_base), cfg.model, tok), cfg.lora, quantized=True)
+    upcast = attach_lora(load_base_model(str(tiny_base), cfg.model, tok), cfg.lora,
+                         quantized=True, upcast_frozen=True)
+    frozen = {p.dtype for p in ours.parameters() if not p.requires_grad and p.is_floating_point()}
+    trainable = {p.dtype for p in ours.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    assert ours.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert upcast.get_input_embeddings().weight.dtype == torch.float32
+    assert weight_stats(ours)["weight_mb"] < weight_stats(upcast)["weight_mb"]
+    run = train(cfg, two_label_data, tmp_path / "run", val=two_label_data, progress=False)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert any(float(v.abs().max()) > 1e-3 for k, v in _adapter(run).items() if "lora_B" in k)

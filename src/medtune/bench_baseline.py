@@ -126,7 +126,9 @@ def run_medtune(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_peft(spec: dict[str, Any]):
-    """The same base (same quantization) and the same LoRA adapter as medtune's side."""
+    """The same base (same quantization) and the same LoRA adapter as medtune's side, prepared the
+    original project's way: peft's ``prepare_model_for_kbit_training`` upcasts the frozen
+    embeddings, norms and head to float32 (a no-op on CPU, where the compute dtype is float32)."""
     from medtune.config import load_config
     from medtune.model import attach_lora, load_base_model, load_tokenizer, resolve_device
     from medtune.tasks import default_template
@@ -137,7 +139,7 @@ def _load_peft(spec: dict[str, Any]):
     tok = load_tokenizer(cfg.model.base)
     quantized = cfg.model.quantization != "none"
     model = attach_lora(load_base_model(cfg.model.base, cfg.model, tok), cfg.lora,
-                        quantized=quantized)
+                        quantized=quantized, upcast_frozen=True)
     if quantized:
         _keep_4bit_training_layout(model)
     template = default_template(cfg.data.task, tok, spec["labels"], cfg.model.template)

@@ -144,13 +144,22 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def attach_lora(model, lora: LoraConfig, *, quantized: bool, gradient_checkpointing: bool = False):
-    """Wrap ``model`` with trainable LoRA adapters (base weights frozen)."""
+def attach_lora(model, lora: LoraConfig, *, quantized: bool, gradient_checkpointing: bool = False,
+                upcast_frozen: bool = False):
+    """Wrap ``model`` with trainable LoRA adapters; the base stays frozen, as loaded.
+
+    The frozen embeddings, norms and LM head keep the compute dtype. peft's
+    ``prepare_model_for_kbit_training`` casts them to float32, which doubles the memory of weights
+    that never change: Gemma-2B's 0.5 B embedding parameters go from 1 GiB to 2 GiB on a GPU.
+    The LoRA weights are float32 either way (peft's adapter autocast). ``upcast_frozen=True``
+    still calls it: the original project's way, kept for the benchmarks' baseline sides."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:  # freezes the base, keeps norms in float32; checkpointing is ours (below)
+    if quantized and upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
     if gradient_checkpointing:
         enable_checkpointing(model)
     targets = lora.target_modules
