@@ -52,6 +52,15 @@ def test_bench_train_structure_and_same_data_on_both_sides(train_result):
     assert trl["steps"] == STEPS and all(math.isfinite(x) and x > 0 for x in trl["losses"])
     assert trl["tokens_total"] == ours["tokens_total"] and "medtune / trl" in md
     assert run["vs_trl"]["tokens_per_s_ratio"] > 0
+    # the memory floor: NF4 + double quant weights, plus LoRA gradients and AdamW moments
+    for side in (ours, theirs):
+        f = side["footprint"]
+        assert f["quantized_bits_per_param"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)
+        assert f["trainable_params"] == ours["footprint"]["trainable_params"] > 0
+        assert f["floor_mb"] == pytest.approx(f["weights_mb"] + f["grad_and_optimizer_mb"])
+        assert f["grad_and_optimizer_mb"] == pytest.approx(3 * 4 * f["trainable_params"] / 2**20)
+        assert side["peak_over_floor"] == pytest.approx(side["peak_mb"] / f["floor_mb"])
+    assert "| floor MB | peak / floor |" in md
 
 
 def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):
@@ -60,6 +69,41 @@ def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):
         bench_train(out, steps=1)
     with pytest.raises(MedtuneError, match="sides"):
         bench_train(tmp_path, sides=("medtune", "deepspeed"))
+
+
+def test_arch_presets_have_the_published_sizes():
+    from medtune.archs import arch_config, param_count
+
+    assert param_count(arch_config("gemma-2b")) == pytest.approx(2.506e9, rel=1e-3)
+    assert param_count(arch_config("llama-2-7b")) == pytest.approx(6.738e9, rel=1e-3)
+    one = arch_config("llama-2-7b", layers=1)
+    assert (one.num_hidden_layers, one.hidden_size, one.vocab_size) == (1, 4096, 32000)
+    with pytest.raises(MedtuneError, match="unknown 'gpt-5'"):
+        arch_config("gpt-5")
+
+
+def test_bench_train_arch_row(tmp_path, monkeypatch):
+    """An --arch row: the preset's shape (a tiny stand-in here), random weights, the
+    embedded tokenizer; refused names and vocabularies fail before anything is built."""
+    from medtune import archs
+
+    monkeypatch.setitem(archs.ARCHS, "tiny-gemma", {
+        "model_type": "gemma", "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32, "tie_word_embeddings": True})
+    r = bench_train(tmp_path / "a", steps=2, batch_size=2, vocab="none", arch="tiny-gemma",
+                    layers=2, sides="medtune,baseline", lora_r=4, progress=False)
+    (run,) = r["runs"]
+    assert (run["model"], run["vocab_size"], run["hidden_size"], run["layers"]) == \
+        ("tiny-gemma-2L", 4096, 64, 2)
+    assert run["sides"]["medtune"]["footprint"]["params"] == run["params"] > 4096 * 64
+    assert all(math.isfinite(x) for x in run["sides"]["baseline"]["losses"])
+    with pytest.raises(MedtuneError, match="unknown 'nope'"):
+        bench_train(tmp_path / "b", arch="nope", progress=False)
+    with pytest.raises(MedtuneError, match="neither 'embedded' nor a vocabulary size"):
+        bench_train(tmp_path / "c", vocab="gemma-2b", progress=False)
+    with pytest.raises(MedtuneError, match="nothing to benchmark"):
+        bench_train(tmp_path / "d", vocab="none", progress=False)
 
 
 def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monkeypatch):

@@ -76,16 +76,20 @@ def _as_list(value: str | Sequence[Any]) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- train bench
-def _bench_bases(work: Path, vocab: Sequence[int | str], labels: list[str],
-                 seed: int) -> dict[str, Path]:
+def _bench_bases(work: Path, vocab: Sequence[int | str], labels: list[str], seed: int,
+                 arch: Sequence[str] = (), layers: int = 0) -> dict[str, Path]:
     """The embedded architecture (its tokenizer trained on unlabelled synthetic notes, random
-    weights: speed and memory do not depend on them) and copies with a larger vocabulary. All
-    share the tokenizer, so every side of every row sees the same token ids."""
+    weights: speed and memory do not depend on them), copies with a larger vocabulary and
+    full-size presets (``medtune.archs``). All share the tokenizer, so every side of every row
+    sees the same token ids."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from medtune.archs import arch_base, arch_config
     from medtune.base import BaseSpec, build_base
     from medtune.synth import synth_unlabelled
 
+    for name in arch:  # unknown names fail before anything is built
+        arch_config(name, layers=layers)
     embedded = build_base(synth_unlabelled(2000, seed=seed), work / "base-embedded",
                           BaseSpec(steps=0, seed=seed), extra_vocab_texts=labels, progress=False)
     bases = {}
@@ -93,6 +97,9 @@ def _bench_bases(work: Path, vocab: Sequence[int | str], labels: list[str],
         if str(v) == "embedded":
             bases["embedded"] = embedded
             continue
+        if not str(v).isdigit():
+            raise MedtuneError(f"vocab: '{v}' is neither 'embedded' nor a vocabulary size "
+                               "(full-size models: arch)")
         size = int(v)
         if size % 64:
             raise MedtuneError(f"vocab: {size} is not a multiple of 64")
@@ -104,6 +111,9 @@ def _bench_bases(work: Path, vocab: Sequence[int | str], labels: list[str],
         AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
         AutoTokenizer.from_pretrained(embedded).save_pretrained(path)
         bases[str(size)] = path
+    for name in arch:
+        bases[name + (f"-{layers}L" if layers else "")] = arch_base(
+            name, work / f"base-{name}", embedded, layers)
     return bases
 
 
@@ -142,7 +152,8 @@ class _Worker:
             self.proc.wait()
 
 
-def _summarise(records: list[dict[str, Any]], end: dict[str, Any], cuda: bool) -> dict[str, Any]:
+def _summarise(records: list[dict[str, Any]], end: dict[str, Any], cuda: bool,
+               footprint: dict[str, Any] | None = None) -> dict[str, Any]:
     timed = records[WARMUP:] if len(records) > WARMUP else records
     seconds = sum(r["seconds"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
@@ -157,11 +168,16 @@ def _summarise(records: list[dict[str, Any]], end: dict[str, Any], cuda: bool) -
            "peak_mb": end.get("cuda_peak_mb") if cuda else end.get("rss_peak_mb"),
            "delta_mb": end.get("cuda_delta_mb") if cuda else end.get("rss_delta_mb"),
            "memory": {k: v for k, v in end.items() if k != "done"}}
+    if footprint:  # the floor: weights as stored + LoRA gradients + AdamW moments
+        out["footprint"] = footprint
+        out["floor_mb"] = footprint["floor_mb"]
+        out["peak_over_floor"] = out["peak_mb"] / max(footprint["floor_mb"], 1e-9)
     return out
 
 
 def bench_train(output: str | Path, *, steps: int = 20,
-                vocab: str | Sequence[int | str] = ("embedded", 32000), batch_size: int = 16,
+                vocab: str | Sequence[int | str] = ("embedded", 32000),
+                arch: str | Sequence[str] = (), layers: int = 0, batch_size: int = 16,
                 quantization: str = "nf4", lora_r: int = 64, lora_alpha: int = 16, lr: float = 2e-4,
                 sides: str | Sequence[str] = ("medtune", "trl", "baseline"),
                 device: str = "auto", threads: int = 1, seed: int = 0, overwrite: bool = False,
@@ -169,13 +185,17 @@ def bench_train(output: str | Path, *, steps: int = 20,
     """Train steps/s, tokens/s and peak memory: medtune's step vs the original project's.
 
     vocab: 'embedded' and/or vocabulary sizes (multiples of 64) of random models with the
-    embedded base's small hidden size. sides: 'medtune', 'baseline' (full logits, random batches)
-    and 'trl' (today's TRL SFTTrainer). Each side sees steps x batch_size synthetic notes: the
-    same notes, one epoch."""
+    embedded base's small hidden size. arch: full-size presets (``medtune.archs``: gemma-2b,
+    llama-2-7b), random weights, with ``layers`` decoder layers if > 0. sides: 'medtune',
+    'baseline' (full logits, random batches) and 'trl' (today's TRL SFTTrainer). Each side
+    sees steps x batch_size synthetic notes: the same notes, one epoch."""
     from medtune.synth import synth_protocol
 
     json_path, md_path = _outputs(output, "train", overwrite)
-    vocab, sides = _as_list(vocab), _as_list(sides)
+    vocab, sides, arch = _as_list(vocab), _as_list(sides), _as_list(arch)
+    vocab = [v for v in vocab if str(v) != "none"]
+    if not vocab and not arch:
+        raise MedtuneError("nothing to benchmark: give a vocab and/or an arch")
     unknown = sorted(set(sides) - {"medtune", "baseline", "trl"})
     if unknown or not sides:
         raise MedtuneError(f"sides: unknown {unknown} (medtune, baseline, trl)")
@@ -183,14 +203,15 @@ def bench_train(output: str | Path, *, steps: int = 20,
         raise MedtuneError("steps and batch_size must be >= 1")
     results: dict[str, Any] = {"kind": "train", "machine": _machine(), "steps": steps,
                                "batch_size": batch_size, "quantization": quantization,
-                               "lora_r": lora_r, "lr": lr, "sides": list(sides), "runs": []}
+                               "lora_r": lora_r, "lr": lr, "sides": list(sides),
+                               "arch": list(arch), "layers": layers, "runs": []}
     with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
         work = Path(tmp)
         df = synth_protocol(steps * batch_size, seed=seed)
         df.to_csv(work / "train.csv", index=False)
         df.head(8).to_csv(work / "val.csv", index=False)
         labels = sorted(set(df["label"]))
-        bases = _bench_bases(work, vocab, labels, seed)
+        bases = _bench_bases(work, vocab, labels, seed, arch, layers)
         for name, base in bases.items():
             run = _train_pair(work, name, base, labels, sides, steps=steps, batch_size=batch_size,
                               quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -246,8 +267,9 @@ def _train_pair(work: Path, name: str, base: Path, labels: list[str], sides: Seq
                            "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
                            "device": ready[0].get("device"), "memory_kind":
                            "cuda max_memory_allocated" if cuda else "process peak RSS",
-                           "sides": {s: _summarise(records[s], e, cuda)
-                                     for s, e in zip(sides, ends, strict=True)}}
+                           "params": ready[0].get("footprint", {}).get("params"),
+                           "sides": {s: _summarise(records[s], e, cuda, r.get("footprint"))
+                                     for s, e, r in zip(sides, ends, ready, strict=True)}}
     if "medtune" in sides:
         ours = run["sides"]["medtune"]
         for other in [s for s in sides if s != "medtune"]:
@@ -271,9 +293,10 @@ def _train_markdown(r: dict[str, Any]) -> str:
         for side, s in run["sides"].items():
             rows.append([run["model"], run["vocab_size"], side, s["tokens_per_s"],
                          s["step_s_median"], s["padding_fraction"], s["peak_mb"], s["delta_mb"],
-                         s["final_loss"]])
+                         s.get("floor_mb", "-"), s.get("peak_over_floor", "-"), s["final_loss"]])
     table = _md_table(["model", "vocab", "side", "tokens/s", "step s (median)", "padding",
-                       "peak MB", "train delta MB", "final loss"], rows)
+                       "peak MB", "train delta MB", "floor MB", "peak / floor", "final loss"],
+                      rows)
     ratios = []
     for run in r["runs"]:
         for key, v in run.items():
@@ -283,5 +306,8 @@ def _train_markdown(r: dict[str, Any]) -> str:
                               f"{v['peak_memory_ratio']:.2f}, memory added by training x"
                               f"{v['delta_memory_ratio']:.2f}")
     note = ("\nMemory: " + (r["runs"][0]["memory_kind"] if r["runs"] else "") + "; 'train delta' = "
-            "peak during the steps minus the resident size once the model was loaded.\n")
+            "peak during the steps minus the resident size once the model was loaded. 'floor' = "
+            "the weights as stored (NF4 + double quantization ~4.127 bits per quantized "
+            "parameter, the rest at their dtype) + the LoRA gradients + AdamW's two moments; "
+            "activations and the runtime (on CPU: Python, torch) come on top.\n")
     return head + table + "\n" + "\n".join(ratios) + "\n" + note

@@ -83,6 +83,20 @@ class Memory:
         return out
 
 
+def footprint(model) -> dict[str, Any]:
+    """The memory floor of a LoRA training step on ``model``: its weights as stored (4-bit
+    layers at their packed size + quantization constants) plus, per trainable parameter, its
+    gradient and AdamW's two moments (each the parameter's dtype). Activations not included."""
+    from medtune.evaluate import weight_stats
+
+    w = weight_stats(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = sum(3 * p.numel() * p.element_size() for p in trainable)
+    return {"params": w["params"], "trainable_params": sum(p.numel() for p in trainable),
+            "weights_mb": w["weight_mb"], "quantized_bits_per_param": w["quantized_bits_per_param"],
+            "grad_and_optimizer_mb": state / 2**20, "floor_mb": w["weight_mb"] + state / 2**20}
+
+
 # ----------------------------------------------------------------------------- sides
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -99,7 +113,8 @@ def run_medtune(spec: dict[str, Any]) -> dict[str, Any]:
     lengths = [len(e.input_ids) for e in s.train]
     spe = steps_per_epoch(len(lengths), cfg.train.batch_size)
     mem = Memory(s.device)
-    _send({"ready": True, "examples": len(s.train), "device": s.device})
+    _send({"ready": True, "examples": len(s.train), "device": s.device,
+           "footprint": footprint(s.model)})
     state = {"t": 0.0, "tokens": 0.0, "step": 0}
 
     def on_row(row: dict[str, Any]) -> None:
@@ -174,7 +189,8 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     order: list[int] = []
     model.train()
     mem = Memory(device)
-    _send({"ready": True, "examples": len(data), "device": device})
+    _send({"ready": True, "examples": len(data), "device": device,
+           "footprint": footprint(model)})
     for step in range(spec["steps"]):
         if len(order) < tc.batch_size:
             order += torch.randperm(len(data), generator=gen).tolist()
@@ -242,7 +258,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     trainer.training_step = counting  # (the dataloader runs a batch ahead: count here)
     mem = Memory(device)
-    _send({"ready": True, "examples": len(data), "device": device})
+    _send({"ready": True, "examples": len(data), "device": device,
+           "footprint": footprint(model)})
     trainer.train()
     return mem.result()
 

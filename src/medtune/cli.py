@@ -427,15 +427,23 @@ app.add_typer(bench_app, name="bench")
 def bench_train_cmd(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/bench"),
     steps: int = 20,
-    vocab: Annotated[str, typer.Option(help="Comma list: embedded, 32000, 256000.")] = "embedded,32000",
+    vocab: Annotated[str, typer.Option(
+        help="Comma list: embedded, or vocabulary sizes (e.g. 32000, 256000) of random copies "
+             "of the embedded model; none.")] = "embedded,32000",
+    arch: Annotated[str, typer.Option(
+        help="Comma list of full-size random models: gemma-2b, llama-2-7b (a GPU's job).")] = "",
+    layers: Annotated[int, typer.Option(help="Decoder layers of the --arch models (0: all).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Global batch (notes per step).")] = 16,
     sides: Annotated[str, typer.Option(help="Comma list: medtune, trl (TRL SFTTrainer + peft QLoRA), "
                                             "baseline (plain loop, full logits).")] = "medtune,trl,baseline",
     overwrite: Overwrite = False,
 ) -> None:
-    """medtune's trainer vs a full-vocabulary-logits baseline: tokens/s, step time, peak memory, loss."""
+    """medtune's trainer vs TRL's SFTTrainer and a full-logits loop: tokens/s, step time, peak
+    memory against its floor, loss."""
     from medtune.bench import bench_train
 
-    bench_train(output, steps=steps, vocab=vocab, sides=sides, overwrite=overwrite)
+    bench_train(output, steps=steps, vocab=vocab, arch=arch, layers=layers, batch_size=batch_size,
+                sides=sides, overwrite=overwrite)
 
 
 @bench_app.command("predict")
