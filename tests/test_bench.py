@@ -186,3 +186,27 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
     md = (tmp_path / "out_merged" / "bench_predict.md").read_text()
     assert "linear layers cast to bfloat16" in md and "medtune cast the model's linear layers" in md
     assert "Generation uses the float32 model as loaded" in md
+
+
+def test_bench_predict_arch_model(tmp_path, monkeypatch):
+    """--arch: a random full-size preset (a tiny stand-in here) read by both sides; generation
+    stops after the longest label's tokens; model and arch together are refused."""
+    from medtune import archs
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(archs.ARCHS, "tiny-llama", {
+        "model_type": "llama", "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "tie_word_embeddings": False})
+    r = bench_predict(tmp_path / "out", n=8, arch="tiny-llama", layers=1, n_labels=2,
+                      n_train=64, base_steps=2, chunk=4, progress=False)
+    assert r["model"] == "tiny-llama (1 layer), random weights + QLoRA 5 steps"
+    assert r["sides"]["constrained"]["in_label_set"] == 1.0
+    gen = r["settings"]["generate"]["max_new_tokens"]
+    assert 2 <= gen < 16  # the longest label's tokens + EOS, not the default 16
+    md = (tmp_path / "out" / "bench_predict.md").read_text()
+    assert f"Generation stops after {gen} new tokens" in md
+    with pytest.raises(MedtuneError, match="model or arch"):
+        bench_predict(tmp_path / "x", model="some/run", arch="tiny-llama", progress=False)
+    with pytest.raises(MedtuneError, match="unknown 'nope'"):
+        bench_predict(tmp_path / "y", arch="nope", progress=False)

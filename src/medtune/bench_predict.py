@@ -47,10 +47,15 @@ def _notes_for(labels: Sequence[str], n: int, seed: int):
     return pd.concat(parts).head(n).reset_index(drop=True)
 
 
+ARCH_TRAIN_STEPS = 5  # an --arch model's QLoRA steps: its weights are random anyway
+
+
 def _quick_model(work: Path, *, n_labels: int, n_train: int, base_steps: int, train_steps: int,
-                 seed: int, progress: bool) -> Path:
+                 seed: int, progress: bool, arch: str | None = None, layers: int = 0) -> Path:
     """The embedded architecture, pretrained ``base_steps`` steps (cached), then QLoRA-trained
-    ``train_steps`` steps on ``n_labels`` synthetic protocols."""
+    ``train_steps`` steps on ``n_labels`` synthetic protocols. With ``arch``: that full-size
+    preset, random weights, with the embedded tokenizer, QLoRA-trained ARCH_TRAIN_STEPS steps
+    (it reads notes as a trained model would; it cannot classify them)."""
     from medtune.base import BaseSpec, build_base
     from medtune.config import load_config
     from medtune.synth import PROTOCOLS
@@ -61,6 +66,11 @@ def _quick_model(work: Path, *, n_labels: int, n_train: int, base_steps: int, tr
     df.to_csv(work / "train.csv", index=False)
     base = build_base(list(df["text"]), spec=BaseSpec(steps=base_steps, seed=seed),
                       extra_vocab_texts=labels, progress=progress)  # cached
+    if arch:
+        from medtune.archs import arch_base
+
+        base = arch_base(arch, work / f"base-{arch}", base, layers)
+        train_steps = min(train_steps, ARCH_TRAIN_STEPS)
     cfg = load_config(None, [f"model.base={base}", "model.quantization=nf4", "lora.r=64",
                              "lora.alpha=128", "lora.dropout=0", "train.lr=2e-3",
                              "train.batch_size=16", f"train.max_steps={train_steps}",
@@ -73,7 +83,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                   data: str | None = None, n_labels: int = 4, n_train: int = 2000,
                   base_steps: int = 400, train_steps: int = 250, batch_size: int = 0,
                   max_new_tokens: int = 16, temperature: float = 0.7, top_p: float = 0.9,
-                  chunk: int = 100,
+                  chunk: int = 100, arch: str | None = None, layers: int = 0,
                   threads: int = 1, seed: int = 0, overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Notes/s and accuracy: constrained batch prediction vs per-note sampled generation.
@@ -83,7 +93,12 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     ``n_labels`` synthetic protocols (400 base steps: with 200 the 4-label model's accuracy
     ranged 0.52-0.79 over seeds, with 400 it was 0.90-0.94). data: a labelled file
     (default: ``n`` fresh synthetic notes with the model's labels). The two sides take turns on
-    chunks of ``chunk`` notes."""
+    chunks of ``chunk`` notes.
+
+    arch: instead of the quick model, a full-size preset (``medtune.archs``) with random weights,
+    ``layers`` decoder layers if > 0: speed and memory only, its accuracy is chance. Its
+    generation side stops after as many tokens as the longest label has (with EOS): a random
+    model never emits EOS, and a trained one stops there at the latest."""
     import torch
 
     from medtune.config import PredictConfig
@@ -93,6 +108,12 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     json_path, md_path = _outputs(output, "predict", overwrite)
     if n < 1 or chunk < 1:
         raise MedtuneError("n and chunk must be >= 1")
+    if arch:
+        from medtune.archs import arch_config
+
+        if model:
+            raise MedtuneError("give model or arch, not both")
+        arch_config(arch, layers=layers)  # an unknown name fails before anything is built
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -100,7 +121,8 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             t0 = time.time()
             path = model or str(_quick_model(Path(tmp), n_labels=n_labels, n_train=n_train,
                                              base_steps=base_steps, train_steps=train_steps,
-                                             seed=seed, progress=progress))
+                                             seed=seed, progress=progress, arch=arch,
+                                             layers=layers))
             prep_s = time.time() - t0
             predictor = Predictor.from_path(path, cfg=PredictConfig(batch_size=batch_size))
             # the original pipeline: base (4-bit for a QLoRA run) + adapter, as trained
@@ -113,6 +135,10 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             else:
                 df = _notes_for(predictor.labels, n, seed + 1)
             texts, gold = list(df["text"]), list(df["label"])
+            if arch:  # a random model never stops: at most the longest label, as trained
+                tok = predictor.tokenizer
+                max_new_tokens = max(len(predictor.template.answer_ids(tok, lab))
+                                     for lab in predictor.labels)
             def generate(on: Predictor):
                 return lambda part, k: per_row_generate_baseline(
                     on, part, temperature=temperature, top_p=top_p,
@@ -131,8 +157,12 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     finally:
         torch.set_num_threads(before)
     labels = set(predictor.labels)
+    quick = "embedded base + QLoRA (quick)"
+    if arch:
+        shortened = f" ({layers} layer{'s' * (layers > 1)})" if layers else ""
+        quick = f"{arch}{shortened}, random weights + QLoRA {ARCH_TRAIN_STEPS} steps"
     result: dict[str, Any] = {"kind": "predict", "machine": _machine(), "n": len(texts),
-                              "model": model or "embedded base + QLoRA (quick)",
+                              "model": model or quick, "arch": arch, "layers": layers,
                               "labels": len(labels), "threads": threads,
                               "merged_in_memory": predictor.merged_dtype is not None,
                               "merged_dtype": predictor.merged_dtype,
@@ -274,6 +304,11 @@ def _predict_markdown(r: dict[str, Any]) -> str:
                  f"{check['notes']} notes its label log-probabilities differ from base + adapter's "
                  f"by at most {check['max_abs_logprob_diff']:.3g}; same prediction for "
                  f"{check['same_prediction']:.0%} of them.\n")
+    if r.get("arch"):
+        gen = r["settings"]["generate"]["max_new_tokens"]
+        text += (f"\n{r['arch']} with random weights: speed only, the accuracy is chance. "
+                 f"Generation stops after {gen} new tokens (the longest label with EOS), where a "
+                 "trained model would stop at the latest.\n")
     text += (f"\nCeiling: reading the prompts alone (no labels) runs "
              f"{ceiling['notes_per_s']:,.0f} notes/s, x{r['speedup_ceiling']:.1f} the generation "
              "side")

@@ -453,6 +453,10 @@ def bench_predict_cmd(
     model: Annotated[str | None, typer.Option(help="Existing run/merged dir (default: a quick model).")] = None,
     data: Annotated[Path | None, typer.Option(help="Labelled notes (default: synthetic).")] = None,
     labels: Annotated[int, typer.Option(help="Labels of the quick model.")] = 4,
+    arch: Annotated[str | None, typer.Option(
+        help="Instead of the quick model: a full-size random model, gemma-2b or llama-2-7b "
+             "(speed only; a GPU's job).")] = None,
+    layers: Annotated[int, typer.Option(help="Decoder layers of the --arch model (0: all).")] = 0,
     threads: Annotated[int, typer.Option(help="Torch threads, the same for both sides.")] = 1,
     overwrite: Overwrite = False,
 ) -> None:
@@ -460,7 +464,7 @@ def bench_predict_cmd(
     from medtune.bench_predict import bench_predict
 
     bench_predict(output, n=n, model=model, data=str(data) if data else None, n_labels=labels,
-                  threads=threads, overwrite=overwrite)
+                  arch=arch, layers=layers, threads=threads, overwrite=overwrite)
 
 
 def main() -> None:
