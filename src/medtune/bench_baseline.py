@@ -211,6 +211,11 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     return mem.result()
 
 
+def _cuda_bf16(device: str) -> bool:
+    """bf16 mixed precision, as the original project ran TRL on a GPU; never on CPU."""
+    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     """TRL SFTTrainer on pre-tokenised prompt/completion examples (completion-only loss)."""
     from datasets import Dataset
@@ -227,7 +232,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         max_steps=spec["steps"], learning_rate=tc.lr, lr_scheduler_type="cosine",
         warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm,
         logging_steps=1, save_strategy="no", report_to=[], gradient_checkpointing=False,
-        use_cpu=not device.startswith("cuda"), bf16=False, fp16=False, optim="adamw_torch",
+        use_cpu=not device.startswith("cuda"), bf16=_cuda_bf16(device), fp16=False,
+        optim="adamw_torch",
         seed=tc.seed, dataloader_num_workers=0, disable_tqdm=True, max_length=None,
         completion_only_loss=True)
     state: dict[str, Any] = {}
