@@ -307,8 +307,9 @@ def _predict_markdown(r: dict[str, Any]) -> str:
     if r.get("arch"):
         gen = r["settings"]["generate"]["max_new_tokens"]
         text += (f"\n{r['arch']} with random weights: speed only, the accuracy is chance. "
-                 f"Generation stops after {gen} new tokens (the longest label with EOS), where a "
-                 "trained model would stop at the latest.\n")
+                 f"Generation stops after {gen} new tokens (the longest label with EOS) on every "
+                 "note; a trained model stops there at the latest and earlier on shorter labels, "
+                 "so the speed-up is an upper bound.\n")
     text += (f"\nCeiling: reading the prompts alone (no labels) runs "
              f"{ceiling['notes_per_s']:,.0f} notes/s, x{r['speedup_ceiling']:.1f} the generation "
              "side")
