@@ -53,3 +53,36 @@ def test_shared_prompt_prefix_runs_once_and_changes_nothing(tiny_base_factory, a
     torch.testing.assert_close(got, score_naive(model, prompts, LABELS, pad_id=0), atol=1e-4, rtol=0)
     monkeypatch.setattr(scoring, "MIN_SHARED", 10**6)                 # the path without a cache
     torch.testing.assert_close(got, score_tree(model, prompts, LABELS, pad_id=0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_prefix_memo_runs_each_prefix_once_and_changes_nothing(tiny_base_factory, arch,
+                                                               monkeypatch):
+    """Batches of one call share the common prefix's KV cache, computed once per distinct
+    prefix; every score equals the un-memoised one."""
+    import medtune.scoring as scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_factory(arch)).eval()
+    head = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+    batches = [[[*head, 20], [*head, 30, 31]],                       # shared: head
+               [[*head, 50, 51, 52, 11], [*head, 50, 51, 52, 12]],   # shared: head + 3 tokens
+               [[*head, 60, 61], [*head, 70]]]                       # shared: head (known)
+    decoder = scoring.decoder(model)
+    calls: list[int] = []
+    real = type(decoder).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return real(self, *args, **kwargs)
+
+    plain = [score_tree(model, b, LABELS, pad_id=0) for b in batches]
+    monkeypatch.setattr(type(decoder), "forward", counting)
+    memo: dict = {}
+    memoised = [score_tree(model, b, LABELS, pad_id=0, prefix_memo=memo) for b in batches]
+    for a, b in zip(plain, memoised, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # prefix passes (batch 1) for the two distinct prefixes only; one scoring pass per batch
+    assert calls == [1, 2, 1, 2, 2] and len(memo) == 2
+    # the memo's caches are untouched by the batches that used them
+    again = score_tree(model, batches[0], LABELS, pad_id=0, prefix_memo=memo)
+    torch.testing.assert_close(again, plain[0], atol=1e-5, rtol=0)

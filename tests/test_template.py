@@ -25,3 +25,15 @@ def test_ordinary_notes_tokenize_as_one_string(tiny_tokenizer):
     text = "pt with headache after fall, r/o bleed"
     whole = tiny_tokenizer(tpl.prompt_text(tiny_tokenizer, text), add_special_tokens=False)["input_ids"]
     assert tpl.prompt_ids(tiny_tokenizer, text)[-len(whole):] == list(whole)
+
+
+@pytest.mark.parametrize("kind", ["chat", "plain"])
+def test_batch_prompt_ids_equal_one_call_per_note(tiny_tokenizer, kind):
+    """Prediction tokenizes all notes in one call; training one at a time: the ids must agree,
+    for ordinary notes, empty ones and notes holding a special token's string."""
+    tok = tiny_tokenizer
+    tpl = default_template("protocol", tok, ["CT Head", "L-Spine"], kind)
+    texts = ["pt with headache after fall", "", f"r/o bleed {tok.eos_token} now",
+             "low back pain, 6 weeks", f"{tok.bos_token}{tok.pad_token}", "héadache – ünïcode"]
+    assert tpl.prompts_ids(tok, texts) == [tpl.prompt_ids(tok, t) for t in texts]
+    assert tpl.prompts_ids(tok, []) == []

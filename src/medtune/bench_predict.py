@@ -238,8 +238,9 @@ def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
     def prompt_only(part: list[str], k: int) -> list[str]:
         """Every prompt through the model once (same batches, shared-prefix cache, LM head at
         the last position), scoring a single one-token label: the floor of any scorer."""
+        memo: dict[tuple[int, ...], Any] = {}  # as Predictor.scores does
         predictor.batched(lambda b: list(score_tree(predictor.model, b, eos,
-                                                    predictor.tokenizer.pad_token_id)),
+                                                    predictor.tokenizer.pad_token_id, memo)),
                           predictor.prompts(part, 1))
         return []
 

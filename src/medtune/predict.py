@@ -117,7 +117,8 @@ class Predictor:
     def prompts(self, texts: Sequence[str], reserve: int) -> list[list[int]]:
         """Prompt token ids, the middle of over-long notes cut so ``reserve`` tokens still fit."""
         limit = None if self.context_limit is None else max(8, self.context_limit - reserve)
-        return [truncate_prompt(self.template.prompt_ids(self.tokenizer, t), limit) for t in texts]
+        return [truncate_prompt(ids, limit)
+                for ids in self.template.prompts_ids(self.tokenizer, list(texts))]
 
     def batched(self, fn: Callable[[list[list[int]]], list[Any]],
                  prompts: list[list[int]]) -> list[Any]:
@@ -148,19 +149,21 @@ class Predictor:
         if not texts:
             return torch.zeros((0, len(self.labels)))
         pad = self.tokenizer.pad_token_id
+        memo: dict[tuple[int, ...], Any] = {}  # the shared prompt prefix runs once per call
         if self.task == "mcqa":
-            rows = self._mcqa_scores(texts)
+            rows = self._mcqa_scores(texts, memo)
         else:
             prompts = self.prompts(texts, max(len(ids) for ids in self.label_ids))
-            rows = self.batched(lambda b: list(score_tree(self.model, b, self.label_ids, pad)),
-                                 prompts)
+            rows = self.batched(
+                lambda b: list(score_tree(self.model, b, self.label_ids, pad, memo)), prompts)
         out = torch.stack(rows).float()
         if torch.isnan(out).any():
             raise MedtuneError("the model produced NaN label scores (fp16 overflow? set "
                                "model.compute_dtype=float32 or bfloat16)")
         return out
 
-    def _mcqa_scores(self, texts: Sequence[str]) -> list[torch.Tensor]:
+    def _mcqa_scores(self, texts: Sequence[str],
+                     memo: dict[tuple[int, ...], Any]) -> list[torch.Tensor]:
         """lm-eval-convention choice scores; prompts whose choices tokenize alike share a pass."""
         pairs = [choice_ids(self.tokenizer, self.template, t, self.labels) for t in texts]
         groups: dict[tuple, list[int]] = {}
@@ -173,7 +176,7 @@ class Predictor:
             cut = None if limit is None else max(8, limit - reserve)
             prompts = [truncate_prompt(pairs[i][0], cut) for i in idx]
             scored = self.batched(lambda b, c=conts: list(
-                score_tree(self.model, b, c, self.tokenizer.pad_token_id)), prompts)
+                score_tree(self.model, b, c, self.tokenizer.pad_token_id, memo)), prompts)
             for i, row in zip(idx, scored, strict=True):
                 rows[i] = row
         return rows

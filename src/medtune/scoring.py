@@ -124,13 +124,17 @@ def _plan(labels: tuple[tuple[int, ...], ...]) -> _Plan:
 
 @torch.no_grad()
 def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
-               pad_id: int) -> torch.Tensor:
-    """Sum log-probabilities [N, L] of each label (token ids incl. EOS) after each prompt."""
+               pad_id: int, prefix_memo: dict[tuple[int, ...], Any] | None = None) -> torch.Tensor:
+    """Sum log-probabilities [N, L] of each label (token ids incl. EOS) after each prompt.
+
+    prefix_memo: a dict shared by the batches of one call (``score_labels``,
+    ``Predictor.scores``): the KV cache of the prompts' common prefix is computed once for all of
+    them. Never share it across a change of the weights (training)."""
     device = _model_device(model)
     plan = _plan(tuple(tuple(int(t) for t in lab) for lab in labels))
     batch = len(prompts)
     # the batch's common prompt prefix (template markup + instruction) runs once, as a KV cache
-    shared, cache = _prefix_cache(model, prompts, device)
+    shared, cache = _prefix_cache(model, prompts, device, prefix_memo)
     prompts = [p[shared:] for p in prompts]
     m = len(plan.node_tok)
     width = max(len(p) for p in prompts) + m
@@ -187,10 +191,17 @@ def _cache_keyword(cls: type) -> str:
 MIN_SHARED = 8  # shorter common prefixes are not worth a second forward pass
 
 
-def _prefix_cache(model, prompts: Sequence[Sequence[int]], device) -> tuple[int, Any]:
+MEMO_SIZE = 8  # prefixes kept per call (a batch of notes that start alike shares more than the template)
+
+
+def _prefix_cache(model, prompts: Sequence[Sequence[int]], device,
+                  memo: dict[tuple[int, ...], Any] | None = None) -> tuple[int, Any]:
     """(length, KV cache of one copy) of the prompts' common prefix, leaving every prompt at
     least one token of its own; (0, None) when it is short or the model is not a plain
-    full-attention decoder with a DynamicCache (sliding windows, FSDP)."""
+    full-attention decoder with a DynamicCache (sliding windows, FSDP). With ``memo``, a prefix
+    whose KV cache is known is not run again."""
+    import copy
+
     from transformers import DynamicCache
 
     if len(prompts) < 2 or is_sharded(model) or getattr(unwrap(model).config, "sliding_window", None):
@@ -201,9 +212,16 @@ def _prefix_cache(model, prompts: Sequence[Sequence[int]], device) -> tuple[int,
         shared += 1
     if shared < MIN_SHARED:
         return 0, None
-    out = decoder(model)(input_ids=torch.tensor([list(first[:shared])], device=device), use_cache=True)
+    prefix = tuple(first[:shared])
+    if memo is not None and prefix in memo:
+        return shared, copy.deepcopy(memo[prefix])  # the batch's forward extends its own copy
+    out = decoder(model)(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
     cache = out.cache if "cache" in out else out.past_key_values
-    return (shared, cache) if isinstance(cache, DynamicCache) else (0, None)
+    if not isinstance(cache, DynamicCache):
+        return 0, None
+    if memo is not None and len(memo) < MEMO_SIZE:
+        memo[prefix] = copy.deepcopy(cache)
+    return shared, cache
 
 
 @torch.no_grad()
@@ -226,7 +244,8 @@ def score_labels(model, tokenizer, template, texts: Sequence[str], labels: Seque
     """[N, L] log-likelihoods of each label for each text, using the run's template."""
     label_ids = [template.answer_ids(tokenizer, lab) for lab in labels]
     prompts = [truncate_prompt(template.prompt_ids(tokenizer, t), max_prompt_tokens) for t in texts]
-    parts = [score_tree(model, prompts[i:i + batch_size], label_ids, tokenizer.pad_token_id)
+    memo: dict[tuple[int, ...], Any] = {}
+    parts = [score_tree(model, prompts[i:i + batch_size], label_ids, tokenizer.pad_token_id, memo)
              for i in range(0, len(prompts), batch_size)]
     return torch.cat(parts) if parts else torch.zeros((0, len(labels)))
 

@@ -6,6 +6,7 @@ scoring and generation all see exactly the same token sequence for the same (rec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,31 @@ class Template:
                 return list(tokenizer(s, add_special_tokens=False, split_special_tokens=split)["input_ids"])
 
             ids = tok(parts[0]) + tok(text, split=True) + tok(parts[1])
+        return self._with_bos(tokenizer, ids)
+
+    def _with_bos(self, tokenizer: Any, ids: Sequence[int]) -> list[int]:
+        """The plain template starts with the tokenizer's BOS (a chat template has its own)."""
         bos = getattr(tokenizer, "bos_token_id", None)
         if self.kind == "plain" and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
+            return [bos, *ids]
         return list(ids)
+
+    def prompts_ids(self, tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+        """``prompt_ids`` of many texts, equal to one call per text, with one tokenizer call for
+        all the notes that hold no special token's string (the fast tokenizer's batch path)."""
+        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        plain = [i for i, t in enumerate(texts) if not any(s in t for s in specials)]
+        out: list[list[int]] = [[] for _ in texts]
+        if plain:
+            rendered = [self.prompt_text(tokenizer, texts[i]) for i in plain]
+            for i, ids in zip(plain, tokenizer(rendered, add_special_tokens=False)["input_ids"],
+                              strict=True):
+                out[i] = self._with_bos(tokenizer, ids)
+        done = set(plain)
+        for i, text in enumerate(texts):
+            if i not in done:
+                out[i] = self.prompt_ids(tokenizer, text)
+        return out
 
     def answer_ids(self, tokenizer: Any, answer: str) -> list[int]:
         """Token ids of the answer followed by EOS: the model learns to stop after the label."""
