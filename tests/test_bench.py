@@ -25,7 +25,8 @@ STEPS, BATCH = 3, 4
 def train_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_train")
     return out, bench_train(out, steps=STEPS, batch_size=BATCH, vocab=["embedded"],
-                            sides=("medtune", "trl", "baseline"), lora_r=8, progress=False)
+                            sides=("medtune", "trl", "trl_fp32", "baseline"), lora_r=8,
+                            progress=False)
 
 
 def test_bench_train_structure_and_same_data_on_both_sides(train_result):
@@ -61,6 +62,12 @@ def test_bench_train_structure_and_same_data_on_both_sides(train_result):
         assert f["grad_and_optimizer_mb"] == pytest.approx(3 * 4 * f["trainable_params"] / 2**20)
         assert side["peak_over_floor"] == pytest.approx(side["peak_mb"] / f["floor_mb"])
     assert "| floor MB | peak / floor |" in md
+    # TRL casts a quantized model's LoRA weights to bf16 (2 bytes each); trl_fp32 undoes it
+    n = ours["footprint"]["trainable_params"]
+    assert trl["footprint"]["grad_and_optimizer_mb"] == pytest.approx(3 * 2 * n / 2**20)
+    fp32 = run["sides"]["trl_fp32"]
+    assert fp32["footprint"]["grad_and_optimizer_mb"] == pytest.approx(3 * 4 * n / 2**20)
+    assert fp32["tokens_total"] == ours["tokens_total"] and "medtune / trl_fp32" in md
 
 
 def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):

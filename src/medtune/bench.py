@@ -179,7 +179,7 @@ def bench_train(output: str | Path, *, steps: int = 20,
                 vocab: str | Sequence[int | str] = ("embedded", 32000),
                 arch: str | Sequence[str] = (), layers: int = 0, batch_size: int = 16,
                 quantization: str = "nf4", lora_r: int = 64, lora_alpha: int = 16, lr: float = 2e-4,
-                sides: str | Sequence[str] = ("medtune", "trl", "baseline"),
+                sides: str | Sequence[str] = ("medtune", "trl", "trl_fp32", "baseline"),
                 device: str = "auto", threads: int = 1, seed: int = 0, overwrite: bool = False,
                 progress: bool = True) -> dict[str, Any]:
     """Train steps/s, tokens/s and peak memory: medtune's step vs the original project's.
@@ -187,7 +187,8 @@ def bench_train(output: str | Path, *, steps: int = 20,
     vocab: 'embedded' and/or vocabulary sizes (multiples of 64) of random models with the
     embedded base's small hidden size. arch: full-size presets (``medtune.archs``: gemma-2b,
     llama-2-7b), random weights, with ``layers`` decoder layers if > 0. sides: 'medtune',
-    'baseline' (full logits, random batches) and 'trl' (today's TRL SFTTrainer). Each side
+    'baseline' (full logits, random batches), 'trl' (today's TRL SFTTrainer, which casts a
+    quantized model's LoRA weights to bf16) and 'trl_fp32' (the same, LoRA in float32). Each side
     sees steps x batch_size synthetic notes: the same notes, one epoch."""
     from medtune.synth import synth_protocol
 
@@ -196,9 +197,9 @@ def bench_train(output: str | Path, *, steps: int = 20,
     vocab = [v for v in vocab if str(v) != "none"]
     if not vocab and not arch:
         raise MedtuneError("nothing to benchmark: give a vocab and/or an arch")
-    unknown = sorted(set(sides) - {"medtune", "baseline", "trl"})
+    unknown = sorted(set(sides) - {"medtune", "baseline", "trl", "trl_fp32"})
     if unknown or not sides:
-        raise MedtuneError(f"sides: unknown {unknown} (medtune, baseline, trl)")
+        raise MedtuneError(f"sides: unknown {unknown} (medtune, baseline, trl, trl_fp32)")
     if steps < 1 or batch_size < 1:
         raise MedtuneError("steps and batch_size must be >= 1")
     results: dict[str, Any] = {"kind": "train", "machine": _machine(), "steps": steps,

@@ -9,7 +9,10 @@ Sides (same base, adapter, data, global batch, learning-rate schedule and steps)
             TRL's fused head) ran it: random batches, ``model(labels=...)`` computing the
             [batch, seq, vocab] logits, mean cross-entropy over the answer tokens.
   trl       today's TRL ``SFTTrainer`` (trl>=1 computes the log-probabilities in chunks, without the
-            full logits) on the same pre-tokenised examples, random batches.
+            full logits) on the same pre-tokenised examples, random batches. For a quantized
+            model it casts the LoRA weights to bf16, on every device.
+  trl_fp32  the same with the LoRA weights cast back to float32, as medtune and the baseline keep
+            them: on a CPU without native bf16 the cast alone slows TRL down.
 
 Protocol: the process prints ``{"ready": ...}`` after loading, then for each step reads one line
 (``go``) from stdin, runs the step and prints one JSON line: seconds, tokens (non-padding),
@@ -255,6 +258,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          callbacks=[Pace()])
+    if spec["side"] == "trl_fp32":  # undo SFTTrainer's bf16 cast of a quantized model's adapter
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # (the optimizer is built from them in train())
     step_fn = trainer.training_step
 
     def counting(model, inputs, *args, **kwargs):  # this step's real and padded token counts
@@ -270,7 +277,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     return mem.result()
 
 
-SIDES = {"medtune": run_medtune, "baseline": run_baseline, "trl": run_trl}
+SIDES = {"medtune": run_medtune, "baseline": run_baseline, "trl": run_trl, "trl_fp32": run_trl}
 
 
 def main(argv: list[str]) -> None:

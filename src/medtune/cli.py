@@ -434,8 +434,10 @@ def bench_train_cmd(
         help="Comma list of full-size random models: gemma-2b, llama-2-7b (a GPU's job).")] = "",
     layers: Annotated[int, typer.Option(help="Decoder layers of the --arch models (0: all).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Global batch (notes per step).")] = 16,
-    sides: Annotated[str, typer.Option(help="Comma list: medtune, trl (TRL SFTTrainer + peft QLoRA), "
-                                            "baseline (plain loop, full logits).")] = "medtune,trl,baseline",
+    sides: Annotated[str, typer.Option(
+        help="Comma list: medtune, trl (TRL SFTTrainer + peft QLoRA; TRL casts the LoRA weights "
+             "to bf16), trl_fp32 (the same, LoRA in float32), baseline (plain loop, full "
+             "logits).")] = "medtune,trl,trl_fp32,baseline",
     overwrite: Overwrite = False,
 ) -> None:
     """medtune's trainer vs TRL's SFTTrainer and a full-logits loop: tokens/s, step time, peak
