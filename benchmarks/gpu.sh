@@ -70,14 +70,19 @@ bench() {  # bench NAME KIND ARGS...: one benchmark, its table printed, its fail
 
 layers=()
 [ "$LAYERS" != 0 ] && layers=(--layers "$LAYERS")
+sides=(--sides medtune,trl,trl_fp32,baseline)
+if ! python3 -c "import trl" >/dev/null 2>&1; then  # e.g. datasets wants a newer pyarrow
+  echo "trl does not import here: the TRL sides are left out"
+  sides=(--sides medtune,baseline)
+fi
 set -- $ARCHS
 first=${1:-gemma-2b}
 bench "train-$first" train --vocab none --arch "$first" "${layers[@]}" --steps "$STEPS" \
-  --batch-size "$BATCH"
+  --batch-size "$BATCH" "${sides[@]}"
 bench "predict-$first" predict --arch "$first" "${layers[@]}" --n "$N"
-bench train-embedded train --steps "$STEPS" --batch-size "$BATCH"
+bench train-embedded train --steps "$STEPS" --batch-size "$BATCH" "${sides[@]}"
 bench predict-embedded predict --n "$N"
 for arch in "${@:2}"; do
   bench "train-$arch" train --vocab none --arch "$arch" "${layers[@]}" --steps "$STEPS" \
-    --batch-size "$BATCH"
+    --batch-size "$BATCH" "${sides[@]}"
 done
