@@ -50,20 +50,17 @@ def arch_config(name: str, tokenizer=None, layers: int = 0):
 
 def arch_base(name: str, path: str | Path, tokenizer_dir: str | Path, layers: int = 0) -> Path:
     """Write a randomly initialised preset (bf16 weights) and ``tokenizer_dir``'s tokenizer to
-    ``path``; an existing complete one is reused."""
+    ``path``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if (path / "config.json").is_file() and (path / ".complete").is_file():
-        return path
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = arch_config(name, tok, layers)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
-    (path / ".complete").write_text("")
     return path
 
 

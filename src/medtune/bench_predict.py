@@ -136,9 +136,7 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                 df = _notes_for(predictor.labels, n, seed + 1)
             texts, gold = list(df["text"]), list(df["label"])
             if arch:  # a random model never stops: at most the longest label, as trained
-                tok = predictor.tokenizer
-                max_new_tokens = max(len(predictor.template.answer_ids(tok, lab))
-                                     for lab in predictor.labels)
+                max_new_tokens = max(map(len, predictor.label_ids))
             def generate(on: Predictor):
                 return lambda part, k: per_row_generate_baseline(
                     on, part, temperature=temperature, top_p=top_p,

@@ -144,9 +144,8 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def attach_lora(model, lora: LoraConfig, *, quantized: bool, gradient_checkpointing: bool = False,
-                upcast_frozen: bool = False):
-    """Wrap ``model`` with trainable LoRA adapters; the base stays frozen, as loaded.
+def attach_lora(model, lora: LoraConfig, *, quantized: bool, upcast_frozen: bool = False):
+    """Wrap ``model`` with trainable LoRA adapters; the base stays frozen (peft), as loaded.
 
     The frozen embeddings, norms and LM head keep the compute dtype. peft's
     ``prepare_model_for_kbit_training`` casts them to float32, which doubles the memory of weights
@@ -158,10 +157,6 @@ def attach_lora(model, lora: LoraConfig, *, quantized: bool, gradient_checkpoint
 
     if quantized and upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if gradient_checkpointing:
-        enable_checkpointing(model)
     targets = lora.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         # PEFT reads a plain string as a regex over full module paths: 'q_proj' would match none

@@ -243,7 +243,8 @@ def score_labels(model, tokenizer, template, texts: Sequence[str], labels: Seque
                  batch_size: int = 8, max_prompt_tokens: int | None = None) -> torch.Tensor:
     """[N, L] log-likelihoods of each label for each text, using the run's template."""
     label_ids = [template.answer_ids(tokenizer, lab) for lab in labels]
-    prompts = [truncate_prompt(template.prompt_ids(tokenizer, t), max_prompt_tokens) for t in texts]
+    prompts = [truncate_prompt(ids, max_prompt_tokens)
+               for ids in template.prompts_ids(tokenizer, list(texts))]
     memo: dict[tuple[int, ...], Any] = {}
     parts = [score_tree(model, prompts[i:i + batch_size], label_ids, tokenizer.pad_token_id, memo)
              for i in range(0, len(prompts), batch_size)]

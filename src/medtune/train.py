@@ -148,13 +148,12 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     if not cfg.lora.enabled and quantized:
         raise MedtuneError("full fine-tuning (lora.enabled=false) needs model.quantization=none")
     model = load_base_model(base, cfg.model, tokenizer)
+    if cfg.model.gradient_checkpointing:
+        enable_checkpointing(model)
     if cfg.lora.enabled:
-        model = attach_lora(model, cfg.lora, quantized=quantized,
-                            gradient_checkpointing=cfg.model.gradient_checkpointing)
+        model = attach_lora(model, cfg.lora, quantized=quantized)
     if quantized:
         _keep_4bit_training_layout(model)
-    if cfg.model.gradient_checkpointing and not cfg.lora.enabled:  # (attach_lora did it)
-        enable_checkpointing(model)
     if world > 1:
         broadcast_trainable_(model)
         torch.manual_seed(cfg.train.seed + rank)  # independent dropout masks on each rank

@@ -87,17 +87,14 @@ class Template:
         """``prompt_ids`` of many texts, equal to one call per text, with one tokenizer call for
         all the notes that hold no special token's string (the fast tokenizer's batch path)."""
         specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-        plain = [i for i, t in enumerate(texts) if not any(s in t for s in specials)]
-        out: list[list[int]] = [[] for _ in texts]
+        out: list[Any] = [self.prompt_ids(tokenizer, t) if any(s in t for s in specials)
+                          else None for t in texts]
+        plain = [i for i, ids in enumerate(out) if ids is None]
         if plain:
             rendered = [self.prompt_text(tokenizer, texts[i]) for i in plain]
             for i, ids in zip(plain, tokenizer(rendered, add_special_tokens=False)["input_ids"],
                               strict=True):
                 out[i] = self._with_bos(tokenizer, ids)
-        done = set(plain)
-        for i, text in enumerate(texts):
-            if i not in done:
-                out[i] = self.prompt_ids(tokenizer, text)
         return out
 
     def answer_ids(self, tokenizer: Any, answer: str) -> list[int]:
