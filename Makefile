@@ -31,7 +31,7 @@ test: lint
 
 bench: setup
 	$(BIN)/medtune bench train --output runs/bench --overwrite
-	$(BIN)/medtune bench predict --output runs/bench --overwrite
+	$(BIN)/medtune bench predict --output runs/bench --overwrite --threads 1 --threads 2
 
 clean:
 	rm -rf runs .cache .pytest_cache .ruff_cache

@@ -144,7 +144,7 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
     assert r["n"] == 20
     if torch.cuda.is_available():  # auto never merges on a GPU: one load, no extra side
         assert loads == [("auto", "auto", None)] and r["merged_in_memory"] is False
-        assert set(r["sides"]) == {"constrained", "generate"}
+        assert set(r["runs"][0]["sides"]) == {"constrained", "generate"}
         return
     # bf16 merged weights: the same scorer with float32 weights runs as its own side, and the
     # like-for-like generation runs on that float32 copy
@@ -152,28 +152,29 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
                      ("auto", "float32", "float32")]
     assert r["merged_in_memory"] is True and r["merged_dtype"] == "bfloat16"
     assert r["generate_merged_dtype"] == "float32"
-    exact = r["sides"].pop("constrained_float32")
+    exact = r["runs"][0]["sides"].pop("constrained_float32")
     assert exact["in_label_set"] == 1.0 and exact["notes_per_s"] > 0
-    assert r["speedup_merge_dtype"] == pytest.approx(
-        r["sides"]["constrained"]["notes_per_s"] / exact["notes_per_s"])
-    assert r["speedup_vs_generate_merged"] == pytest.approx(
-        exact["notes_per_s"] / r["sides"]["generate_merged"]["notes_per_s"])
+    assert r["runs"][0]["speedup_merge_dtype"] == pytest.approx(
+        r["runs"][0]["sides"]["constrained"]["notes_per_s"] / exact["notes_per_s"])
+    assert r["runs"][0]["speedup_vs_generate_merged"] == pytest.approx(
+        exact["notes_per_s"] / r["runs"][0]["sides"]["generate_merged"]["notes_per_s"])
     assert "the same with float32 weights" in (tmp_path / "out" / "bench_predict.md").read_text()
     check = r["merge_check"]
     assert check["notes"] == 20 and 0.0 <= check["same_prediction"] <= 1.0
     assert 0.0 <= check["max_abs_logprob_diff"] < 0.5
-    assert set(r["sides"]) == {"constrained", "generate", "generate_merged"}
-    c, g, gm = (r["sides"][s] for s in ("constrained", "generate", "generate_merged"))
+    assert set(r["runs"][0]["sides"]) == {"constrained", "generate", "generate_merged"}
+    c, g, gm = (r["runs"][0]["sides"][s] for s in ("constrained", "generate", "generate_merged"))
     assert c["in_label_set"] == 1.0  # a constrained prediction is always one of the labels
     for side in (c, g, gm):
         assert 0.0 <= side["accuracy"] <= 1.0 and side["notes_per_s"] > 0
         assert 0.0 <= side["in_label_set"] <= 1.0
-    assert r["speedup"] == pytest.approx(c["notes_per_s"] / g["notes_per_s"])
-    ceiling = r["prompt_only"]["notes_per_s"]
-    assert ceiling > 0 and r["speedup_ceiling"] == pytest.approx(ceiling / g["notes_per_s"])
+    assert r["runs"][0]["speedup"] == pytest.approx(c["notes_per_s"] / g["notes_per_s"])
+    ceiling = r["runs"][0]["prompt_only"]["notes_per_s"]
+    assert ceiling > 0 and r["runs"][0]["speedup_ceiling"] == pytest.approx(ceiling / g["notes_per_s"])
     assert json.loads((tmp_path / "out" / "bench_predict.json").read_text())["n"] == 20
     md = (tmp_path / "out" / "bench_predict.md").read_text()
     assert "constrained batch scoring" in md and "Ceiling: reading the prompts alone" in md
+    assert "### 1 thread\n" in md and "Ceiling (prompts alone): " in md and "McNemar p = " in md
     assert "against generation on the merged copy (like for like: both with float32 weights)" in md
     assert "label log-probabilities differ from base + adapter's" in md
 
@@ -188,7 +189,7 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
                       data=str(data), chunk=10, max_new_tokens=4, progress=False)
     assert loads == [("auto", "auto", None), ("no", "auto", None), ("auto", "float32", None)]
     assert r["merged_in_memory"] is False and r["weights_dtype"] == "bfloat16"
-    assert set(r["sides"]) == {"constrained", "generate", "constrained_float32"}
+    assert set(r["runs"][0]["sides"]) == {"constrained", "generate", "constrained_float32"}
     assert r["merge_check"]["notes"] == 20 and r["merge_check"]["max_abs_logprob_diff"] < 0.5
     md = (tmp_path / "out_merged" / "bench_predict.md").read_text()
     assert "linear layers cast to bfloat16" in md and "medtune cast the model's linear layers" in md
@@ -205,15 +206,43 @@ def test_bench_predict_arch_model(tmp_path, monkeypatch):
         "model_type": "llama", "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
         "tie_word_embeddings": False})
+    before = torch.get_num_threads()
     r = bench_predict(tmp_path / "out", n=8, arch="tiny-llama", layers=1, n_labels=2,
-                      n_train=64, base_steps=2, chunk=4, progress=False)
+                      n_train=64, base_steps=2, chunk=4, threads=(1, 2), progress=False)
+    assert torch.get_num_threads() == before
     assert r["model"] == "tiny-llama (1 layer), random weights + QLoRA 5 steps"
-    assert r["sides"]["constrained"]["in_label_set"] == 1.0
+    # every side ran at each thread count, on the same notes: the same constrained predictions
+    assert r["threads"] == [1, 2] and [run["threads"] for run in r["runs"]] == [1, 2]
+    one, two = (run["sides"]["constrained"] for run in r["runs"])
+    assert one["in_label_set"] == two["in_label_set"] == 1.0
+    assert one["accuracy"] == two["accuracy"]
+    for run in r["runs"]:
+        pair = run["paired"]
+        assert pair["only_constrained"] + pair["only_generate"] <= 8
+        gap = (pair["only_constrained"] - pair["only_generate"]) / 8
+        assert run["accuracy_gain"] == pytest.approx(gap)
     gen = r["settings"]["generate"]["max_new_tokens"]
     assert 2 <= gen < 16  # the longest label's tokens + EOS, not the default 16
     md = (tmp_path / "out" / "bench_predict.md").read_text()
     assert f"Generation stops after {gen} new tokens" in md
+    assert "### 1 thread\n" in md and "### 2 threads\n" in md
     with pytest.raises(MedtuneError, match="model or arch"):
         bench_predict(tmp_path / "x", model="some/run", arch="tiny-llama", progress=False)
     with pytest.raises(MedtuneError, match="unknown 'nope'"):
         bench_predict(tmp_path / "y", arch="nope", progress=False)
+
+
+def test_paired_counts_mcnemar():
+    from medtune.bench_predict import paired_counts
+
+    gold = list("aaaaaaaaaa")
+    a = list("aaaaaaaaab")  # 9 right
+    b = list("aaaabbbbbb")  # 4 right; a alone gets 5 of them, b alone none
+    assert paired_counts(a, b, gold) == {"only_constrained": 5, "only_generate": 0,
+                                         "mcnemar_p": pytest.approx(2 / 32)}
+    both = paired_counts(a, a, gold)
+    assert both["only_constrained"] == both["only_generate"] == 0 and both["mcnemar_p"] == 1.0
+    # 3 against 1 discordant: two-sided p = 2 * (C(4,0) + C(4,1)) / 16 = 0.625
+    c, d = list("aaabbbbbbb"), list("bbbabbbbbb")
+    assert paired_counts(c, d, gold) == {"only_constrained": 3, "only_generate": 1,
+                                         "mcnemar_p": pytest.approx(0.625)}

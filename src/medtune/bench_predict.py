@@ -9,13 +9,16 @@ matmul) the same scorer also runs with float32 weights, and generation on the me
 those, as generate mode would: the like-for-like ratio compares float32 with float32. A last
 timing reads the prompts only (one distribution per note, no label tokens): no method that runs
 every note through the network can beat it, so ceiling / baseline is the largest speed-up this
-model and machine allow.
+model and machine allow. With several thread counts every side runs at each;
+each count gets its own table. Both sides' accuracy comes with a paired count of
+the notes only one of them gets right and McNemar's exact p-value.
 
 Writes ``<output>/bench_predict.json`` and ``.md`` and prints the table.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -84,7 +87,8 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
                   base_steps: int = 400, train_steps: int = 250, batch_size: int = 0,
                   max_new_tokens: int = 16, temperature: float = 0.7, top_p: float = 0.9,
                   chunk: int = 100, arch: str | None = None, layers: int = 0,
-                  threads: int = 1, seed: int = 0, overwrite: bool = False,
+                  threads: int | Sequence[int] = 1, seed: int = 0,
+                  overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Notes/s and accuracy: constrained batch prediction vs per-note sampled generation.
 
@@ -98,7 +102,10 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     arch: instead of the quick model, a full-size preset (``medtune.archs``) with random weights,
     ``layers`` decoder layers if > 0: speed and memory only, its accuracy is chance. Its
     generation side stops after as many tokens as the longest label has (with EOS): a random
-    model never emits EOS, and a trained one stops there at the latest."""
+    model never emits EOS, and a trained one stops there at the latest.
+
+    threads: torch's thread count, or several: the sides run once per count on the same model
+    and notes (the quick model trains with the first)."""
     import torch
 
     from medtune.config import PredictConfig
@@ -114,8 +121,11 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
         if model:
             raise MedtuneError("give model or arch, not both")
         arch_config(arch, layers=layers)  # an unknown name fails before anything is built
+    counts = [threads] if isinstance(threads, int) else list(threads)
+    if not counts or min(counts) < 1:
+        raise MedtuneError(f"threads must be >= 1 (got {counts})")
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(counts[0])  # the quick model trains with the first count
     try:
         with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
             t0 = time.time()
@@ -150,45 +160,27 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
             merged_copy = exact or predictor  # generate mode's weights: float32 where it can
             if predictor.merged_dtype:  # generation on the same in-memory merge
                 others["generate_merged"] = generate(merged_copy)
-            sides = _predict_sides(predictor, texts, chunk, progress, others)
+            runs = []
+            for count in counts:  # the same model, notes and sides at each thread count
+                torch.set_num_threads(count)
+                sides = _predict_sides(predictor, texts, chunk, progress, others)
+                runs.append(_summary(count, sides, gold, set(predictor.labels)))
             merge_check = _merge_check(predictor, original, texts[:100])
     finally:
         torch.set_num_threads(before)
-    labels = set(predictor.labels)
     quick = "embedded base + QLoRA (quick)"
     if arch:
         shortened = f" ({layers} layer{'s' * (layers > 1)})" if layers else ""
         quick = f"{arch}{shortened}, random weights + QLoRA {ARCH_TRAIN_STEPS} steps"
     result: dict[str, Any] = {"kind": "predict", "machine": _machine(), "n": len(texts),
                               "model": model or quick, "arch": arch, "layers": layers,
-                              "labels": len(labels), "threads": threads,
+                              "labels": len(predictor.labels), "threads": counts,
                               "merged_in_memory": predictor.merged_dtype is not None,
                               "merged_dtype": predictor.merged_dtype,
                               "weights_dtype": predictor.weights_dtype,
                               "generate_merged_dtype": merged_copy.merged_dtype,
                               "merge_check": merge_check,
-                              "prepare_s": round(prep_s, 1), "sides": {}}
-    ceiling_s = sides.pop("prompt_only")[1]
-    for side, (preds, seconds) in sides.items():
-        result["sides"][side] = {
-            "seconds": seconds, "notes_per_s": len(texts) / max(seconds, 1e-9),
-            "accuracy": sum(p == g for p, g in zip(preds, gold, strict=True)) / len(texts),
-            "in_label_set": sum(p in labels for p in preds) / len(texts)}
-    c, g = result["sides"]["constrained"], result["sides"]["generate"]
-    result["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
-    like = c  # the constrained side whose weights generate_merged shares
-    if "constrained_float32" in result["sides"]:
-        like = result["sides"]["constrained_float32"]
-        result["speedup_merge_dtype"] = c["notes_per_s"] / max(like["notes_per_s"], 1e-9)
-    if "generate_merged" in result["sides"]:
-        gm = result["sides"]["generate_merged"]["notes_per_s"]
-        result["speedup_vs_generate_merged"] = like["notes_per_s"] / max(gm, 1e-9)
-        result["speedup_ceiling_vs_generate_merged"] = (len(texts) / max(ceiling_s, 1e-9)
-                                                        / max(gm, 1e-9))
-    result["accuracy_gain"] = c["accuracy"] - g["accuracy"]
-    result["prompt_only"] = {"seconds": ceiling_s,
-                             "notes_per_s": len(texts) / max(ceiling_s, 1e-9)}
-    result["speedup_ceiling"] = result["prompt_only"]["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+                              "prepare_s": round(prep_s, 1), "runs": runs}
     result["settings"] = {"generate": {"temperature": temperature, "top_p": top_p,
                                        "max_new_tokens": max_new_tokens,
                                        "one note at a time": True},
@@ -198,6 +190,46 @@ def bench_predict(output: str | Path, *, n: int = 500, model: str | None = None,
     write_text(md_path, md)
     print(md)
     return result
+
+
+def _summary(threads: int, sides: dict[str, tuple[list[str], float]], gold: list[str],
+             labels: set[str]) -> dict[str, Any]:
+    """One thread count's sides: notes/s, accuracy, ratios, the ceiling, and the paired
+    comparison of constrained and generated predictions."""
+    n = len(gold)
+    run: dict[str, Any] = {"threads": threads, "sides": {}}
+    ceiling_s = sides.pop("prompt_only")[1]
+    for side, (preds, seconds) in sides.items():
+        run["sides"][side] = {
+            "seconds": seconds, "notes_per_s": n / max(seconds, 1e-9),
+            "accuracy": sum(p == g for p, g in zip(preds, gold, strict=True)) / n,
+            "in_label_set": sum(p in labels for p in preds) / n}
+    c, g = run["sides"]["constrained"], run["sides"]["generate"]
+    run["speedup"] = c["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    like = c  # the constrained side whose weights generate_merged shares
+    if "constrained_float32" in run["sides"]:
+        like = run["sides"]["constrained_float32"]
+        run["speedup_merge_dtype"] = c["notes_per_s"] / max(like["notes_per_s"], 1e-9)
+    if "generate_merged" in run["sides"]:
+        gm = run["sides"]["generate_merged"]["notes_per_s"]
+        run["speedup_vs_generate_merged"] = like["notes_per_s"] / max(gm, 1e-9)
+        run["speedup_ceiling_vs_generate_merged"] = n / max(ceiling_s, 1e-9) / max(gm, 1e-9)
+    run["accuracy_gain"] = c["accuracy"] - g["accuracy"]
+    run["paired"] = paired_counts(sides["constrained"][0], sides["generate"][0], gold)
+    run["prompt_only"] = {"seconds": ceiling_s, "notes_per_s": n / max(ceiling_s, 1e-9)}
+    run["speedup_ceiling"] = run["prompt_only"]["notes_per_s"] / max(g["notes_per_s"], 1e-9)
+    return run
+
+
+def paired_counts(a: Sequence[str], b: Sequence[str], gold: Sequence[str]) -> dict[str, Any]:
+    """Notes only ``a`` gets right, notes only ``b`` gets right, and the exact two-sided
+    McNemar p-value (binomial, p = 1/2, on the discordant notes): how likely a gap at least
+    this large is when the two are equally accurate."""
+    only_a = sum(x == g != y for x, y, g in zip(a, b, gold, strict=True))
+    only_b = sum(y == g != x for x, y, g in zip(a, b, gold, strict=True))
+    k, m = min(only_a, only_b), only_a + only_b
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"only_constrained": only_a, "only_generate": only_b, "mcnemar_p": p}
 
 
 def _float32_copy(predictor, path: str, batch_size: int):
@@ -265,9 +297,9 @@ def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
 def _predict_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     head = (f"## medtune bench predict\n\n{r['n']} notes, {r['labels']} labels, model: "
-            f"{r['model']}; {r['threads']} thread(s), {m.get('cpus')} CPUs"
+            f"{r['model']}; {m.get('cpus')} CPUs"
             f"{', ' + m['gpu'] if m.get('gpu') else ''}, load average {m.get('load_avg_1m')}. "
-            "Sides alternate on chunks of notes.\n\n")
+            "Sides alternate on chunks of notes.\n")
     merged, cast = r.get("merged_in_memory"), r.get("weights_dtype")
     names = {"constrained": "constrained batch scoring (medtune)"
                             + (f", adapter merged in memory ({r.get('merged_dtype')} weights)"
@@ -277,21 +309,8 @@ def _predict_markdown(r: dict[str, Any]) -> str:
                          + (", 4-bit base + adapter" if merged else ""),
              "generate_merged": "per-note sampled generation on the merged copy "
                                 f"({r.get('generate_merged_dtype')} weights)"}
-    rows = [[names[s], v["notes_per_s"], v["accuracy"], v["in_label_set"], v["seconds"]]
-            for s, v in r["sides"].items()]
-    table = _md_table(["side", "notes/s", "accuracy", "in label set", "seconds"], rows)
-    ceiling, check = r["prompt_only"], r.get("merge_check")
-    text = head + table + f"\nspeed-up x{r['speedup']:.1f}"
-    if "speedup_vs_generate_merged" in r:
-        text += (" against the original pipeline (4-bit base + adapter), "
-                 f"x{r['speedup_vs_generate_merged']:.1f} against generation on the merged copy "
-                 f"(like for like: both with {r.get('generate_merged_dtype')} weights)")
-    text += f"; accuracy {r['accuracy_gain']:+.3f} (constrained minus generation)\n"
-    if "speedup_merge_dtype" in r:
-        text += (f"\n{r['weights_dtype']} weights (predict.merge_dtype=auto: this CPU multiplies "
-                 f"bf16 natively): x{r['speedup_merge_dtype']:.2f} the notes/s of float32 weights. "
-                 + ("Generation on the merged copy uses float32 weights, as generate mode does.\n"
-                    if merged else "Generation uses the float32 model as loaded.\n"))
+    text = head + "".join(_run_markdown(run, r, names) for run in r["runs"])
+    check = r.get("merge_check")
     if check and not merged:
         text += (f"\nmedtune cast the model's linear layers to {cast} in memory. On the first "
                  f"{check['notes']} notes its label log-probabilities differ from the float32 "
@@ -309,10 +328,35 @@ def _predict_markdown(r: dict[str, Any]) -> str:
                  f"Generation stops after {gen} new tokens (the longest label with EOS) on every "
                  "note; a trained model stops there at the latest and earlier on shorter labels, "
                  "so the speed-up is an upper bound.\n")
-    text += (f"\nCeiling: reading the prompts alone (no labels) runs "
-             f"{ceiling['notes_per_s']:,.0f} notes/s, x{r['speedup_ceiling']:.1f} the generation "
-             "side")
-    if "speedup_ceiling_vs_generate_merged" in r:
-        text += f" (x{r['speedup_ceiling_vs_generate_merged']:.1f} generation on the merged copy)"
-    return text + (": no scorer that runs every note through this model on this machine can go "
-                   "faster.\n")
+    return text + ("\nCeiling: reading the prompts alone, each once, no labels; no scorer that runs every "
+                   "note through this model on this machine can go faster.\n")
+
+
+def _run_markdown(run: dict[str, Any], r: dict[str, Any], names: dict[str, str]) -> str:
+    """One thread count's table and ratios."""
+    rows = [[names[s], v["notes_per_s"], v["accuracy"], v["in_label_set"], v["seconds"]]
+            for s, v in run["sides"].items()]
+    t = run["threads"]
+    text = (f"\n### {t} thread{'s' * (t > 1)}\n\n"
+            + _md_table(["side", "notes/s", "accuracy", "in label set", "seconds"], rows)
+            + f"\nspeed-up x{run['speedup']:.1f}")
+    if "speedup_vs_generate_merged" in run:
+        text += (" against the original pipeline (4-bit base + adapter), "
+                 f"x{run['speedup_vs_generate_merged']:.1f} against generation on the merged copy "
+                 f"(like for like: both with {r.get('generate_merged_dtype')} weights)")
+    pair = run["paired"]
+    text += (f"; accuracy {run['accuracy_gain']:+.3f} (constrained minus generation: "
+             f"{pair['only_constrained']} notes right only when constrained, "
+             f"{pair['only_generate']} only when generated, McNemar p = {pair['mcnemar_p']:.2g})\n")
+    if "speedup_merge_dtype" in run:
+        text += (f"\n{r['weights_dtype']} weights (predict.merge_dtype=auto: this CPU multiplies "
+                 f"bf16 natively): x{run['speedup_merge_dtype']:.2f} the notes/s of float32 "
+                 "weights. " + ("Generation on the merged copy uses float32 weights, as generate "
+                                "mode does.\n" if r.get("merged_in_memory") else
+                                "Generation uses the float32 model as loaded.\n"))
+    ceiling = run["prompt_only"]
+    text += (f"\nCeiling (prompts alone): {ceiling['notes_per_s']:,.0f} notes/s, x{run['speedup_ceiling']:.1f} "
+             "the generation side")
+    if "speedup_ceiling_vs_generate_merged" in run:
+        text += f" (x{run['speedup_ceiling_vs_generate_merged']:.1f} generation on the merged copy)"
+    return text + ".\n"

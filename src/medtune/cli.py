@@ -459,14 +459,15 @@ def bench_predict_cmd(
         help="Instead of the quick model: a full-size random model, gemma-2b or llama-2-7b "
              "(speed only; a GPU's job).")] = None,
     layers: Annotated[int, typer.Option(help="Decoder layers of the --arch model (0: all).")] = 0,
-    threads: Annotated[int, typer.Option(help="Torch threads, the same for both sides.")] = 1,
+    threads: Annotated[list[int] | None, typer.Option(
+        help="Torch threads, the same for both sides; repeat for several counts (one table each).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Constrained batch prediction vs per-note sampled generation: notes/s and accuracy."""
     from medtune.bench_predict import bench_predict
 
     bench_predict(output, n=n, model=model, data=str(data) if data else None, n_labels=labels,
-                  arch=arch, layers=layers, threads=threads, overwrite=overwrite)
+                  arch=arch, layers=layers, threads=threads or [1], overwrite=overwrite)
 
 
 def main() -> None:
