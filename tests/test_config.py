@@ -103,3 +103,35 @@ def test_every_field_has_help():
                    for s in dataclasses.fields(Config))
     assert len(rows) == n_fields
     assert all(key.count(".") == 1 and len(help_text) > 10 for key, _, help_text in rows)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.r=0", "lora.r: must be >= 1, got 0"),
+    ("train.lr=-1", "train.lr: must be > 0, got -1"),
+    ("train.max_steps=-5", "train.max_steps: must be >= 0, got -5"),
+    ("data.val_fraction=1", "data.val_fraction: must be >= 0 and < 1, got 1"),
+    ("predict.top_p=0", "predict.top_p: must be > 0 and <= 1, got 0"),
+    ("predict.min_confidence=7", "predict.min_confidence: must be >= 0 and <= 1, got 7"),
+    ("train.lr=nan", "train.lr: must be a finite number, got nan"),
+    ("train.max_length=8", "train.max_length: must be >= 16, got 8"),
+])
+def test_out_of_range_values_are_one_line_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_bounds_hold_in_files_and_accept_the_edges(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  keep_checkpoints: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.keep_checkpoints: must be >= 1, got 0"):
+        load_config(path)
+    cfg = load_config(None, ["train.max_steps=0", "lora.dropout=0", "predict.top_p=1",
+                             "predict.min_confidence=1", "train.eval_samples=0"])
+    assert (cfg.train.max_steps, cfg.lora.dropout, cfg.predict.top_p) == (0, 0.0, 1.0)
+    # every default is inside its own bounds
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            value = getattr(getattr(Config(), section.name), f.name)
+            load_config(None, [f"{section.name}.{f.name}={value}"] if isinstance(value, int | float)
+                        and not isinstance(value, bool) else [])

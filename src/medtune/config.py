@@ -1,6 +1,6 @@
 """Configuration: one dataclass per concern, YAML files, dotted overrides (``train.lr=1e-4``).
 
-Every field carries a help string (``medtune config show --help-fields`` lists them). Unknown keys
+Every field carries a help string (``medtune config show --fields`` lists them). Unknown keys
 are errors that name the key and the closest valid one.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +20,30 @@ import yaml
 from medtune.errors import ConfigError
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None) -> Any:
+    """A config field with help text and, for numbers, the bounds a value must respect."""
+    meta = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le),
+                                                       ("lt", lt)) if v is not None}}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_BOUND_TEXT = {"ge": (">=", float.__ge__), "gt": (">", float.__gt__), "le": ("<=", float.__le__),
+               "lt": ("<", float.__lt__)}
+
+
+def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
+    """One line naming the key when a number is out of its field's bounds."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    failed = [k for k, limit in bounds.items() if not _BOUND_TEXT[k][1](float(value), float(limit))]
+    if failed:
+        rule = " and ".join(f"{_BOUND_TEXT[k][0]} {bounds[k]:g}" for k in bounds)
+        raise ConfigError(f"{key}: must be {rule}, got {value:g}")
 
 
 @dataclass
@@ -30,11 +51,11 @@ class DataConfig:
     task: str = _f("protocol", "Task family: 'protocol' (text -> label) or 'mcqa' (multiple choice).")
     text_column: str | None = _f(None, "Text column; detected among common names when unset.")
     label_column: str | None = _f(None, "Label column; detected among common names when unset.")
-    min_count: int = _f(50, "Drop labels with fewer examples than this before splitting.")
-    val_fraction: float = _f(0.1, "Fraction of rows for the validation split.")
-    test_fraction: float = _f(0.1, "Fraction of rows for the test split.")
+    min_count: int = _f(50, "Drop labels with fewer examples than this before splitting.", ge=0)
+    val_fraction: float = _f(0.1, "Fraction of rows for the validation split.", ge=0, lt=1)
+    test_fraction: float = _f(0.1, "Fraction of rows for the test split.", ge=0, lt=1)
     seed: int = _f(0, "Seed for splitting and shuffling.")
-    max_field_bytes: int = _f(1_000_000, "Reject any field larger than this many bytes.")
+    max_field_bytes: int = _f(1_000_000, "Reject any field larger than this many bytes.", ge=1)
     scrub_phi: bool = _f(False, "Replace PHI in notes with typed placeholders before training.")
 
 
@@ -53,35 +74,36 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = _f(True, "Train LoRA adapters; false means full fine-tuning (needs quantization=none).")
-    r: int = _f(64, "LoRA rank (original radiology project: 64).")
-    alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
-    dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    r: int = _f(64, "LoRA rank (original radiology project: 64).", ge=1)
+    alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).", gt=0)
+    dropout: float = _f(0.1, "Dropout on the LoRA input.", ge=0, lt=1)
     target_modules: str | list[str] = _f(  # noqa: RUF009
         "all-linear", "Modules to adapt: 'all-linear' or a list of names.")
     rslora: bool = _f(False, "Rank-stabilized LoRA scaling (alpha/sqrt(r)).")
     dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
-    plus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = train.lr x this (0 = off; 16 is typical).")
+    plus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = train.lr x this (0 = off; 16 is typical).",
+                           ge=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = _f(1.0, "Passes over the training data (fractions allowed).")
-    max_steps: int = _f(0, "Stop after this many optimizer steps (0: use epochs).")
-    batch_size: int = _f(16, "Examples per optimizer step, over all processes (each takes its share).")
-    micro_batch_size: int = _f(0, "Examples per forward pass; 0 = batch_size. Halved on OOM.")
-    lr: float = _f(2e-4, "Peak learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    epochs: float = _f(1.0, "Passes over the training data (fractions allowed).", gt=0)
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: use epochs).", ge=0)
+    batch_size: int = _f(16, "Examples per optimizer step, over all processes (each takes its share).", ge=1)
+    micro_batch_size: int = _f(0, "Examples per forward pass; 0 = batch_size. Halved on OOM.", ge=0)
+    lr: float = _f(2e-4, "Peak learning rate.", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
     scheduler: str = _f("cosine", "'cosine', 'linear' or 'constant' after warmup.")
-    warmup_steps: int = _f(10, "Linear warmup steps.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    max_length: int = _f(256, "Truncate prompts so prompt + answer fit in this many tokens.")
+    warmup_steps: int = _f(10, "Linear warmup steps.", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
+    max_length: int = _f(256, "Truncate prompts so prompt + answer fit in this many tokens.", ge=16)
     group_by_length: bool = _f(True, "Batch examples of similar length to cut padding.")
     optimizer: str = _f("auto", "'auto' (paged 8-bit AdamW on CUDA, AdamW on CPU), 'adamw', 'adamw8bit'.")
-    eval_every: int = _f(50, "Validate every N steps (0: only at the end).")
-    eval_samples: int = _f(200, "Validation examples used for loss and label accuracy.")
-    save_every: int = _f(50, "Write a checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints.")
-    log_every: int = _f(5, "Append to metrics.jsonl every N steps.")
+    eval_every: int = _f(50, "Validate every N steps (0: only at the end).", ge=0)
+    eval_samples: int = _f(200, "Validation examples used for loss and label accuracy (0: no validation).", ge=0)
+    save_every: int = _f(50, "Write a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints.", ge=1)
+    log_every: int = _f(5, "Append to metrics.jsonl every N steps.", ge=1)
     seed: int = _f(0, "Seed for initialisation, dropout and data order.")
     fsdp: bool = _f(False, "Shard weights, LoRA and optimizer state over processes (FSDP2, one unit per "
                            "decoder layer); needs torchrun / accelerate launch. See docs/DISTRIBUTED.md.")
@@ -90,13 +112,13 @@ class TrainConfig:
 @dataclass
 class PredictConfig:
     mode: str = _f("constrained", "'constrained' (score each label) or 'generate' (free text).")
-    batch_size: int = _f(0, "Notes per batch; 0 = automatic.")
-    top_k: int = _f(3, "Alternatives reported per row.")
-    min_confidence: float = _f(0.0, "Abstain (flag for human review) below this label probability.")
-    max_new_tokens: int = _f(16, "Generation mode: new tokens per note.")
-    temperature: float = _f(0.0, "Generation mode: 0 = greedy.")
-    top_p: float = _f(1.0, "Generation mode: nucleus sampling threshold.")
-    chunk_rows: int = _f(2048, "Rows read and written per chunk (bounded memory on big inputs).")
+    batch_size: int = _f(0, "Notes per batch; 0 = automatic.", ge=0)
+    top_k: int = _f(3, "Alternatives reported per row.", ge=0)
+    min_confidence: float = _f(0.0, "Abstain (flag for human review) below this label probability.", ge=0, le=1)
+    max_new_tokens: int = _f(16, "Generation mode: new tokens per note.", ge=1)
+    temperature: float = _f(0.0, "Generation mode: 0 = greedy.", ge=0)
+    top_p: float = _f(1.0, "Generation mode: nucleus sampling threshold.", gt=0, le=1)
+    chunk_rows: int = _f(2048, "Rows read and written per chunk (bounded memory on big inputs).", ge=1)
     merge: str = _f("auto", "Merge a run's LoRA adapter (and dequantize its 4-/8-bit base) in memory "
                            "before predicting: same outputs up to float rounding, faster on CPU. "
                            "'auto' = on CPU when the merged weights fit in a quarter of free memory; "
@@ -207,7 +229,10 @@ def _apply(obj: Any, key: str, value: Any) -> None:
         for sub, sub_value in value.items():
             _apply(obj, f"{key}.{sub}", sub_value)
         return
-    setattr(target, leaf, _coerce(value, hints[leaf], key))
+    value = _coerce(value, hints[leaf], key)
+    spec = next(f for f in dataclasses.fields(target) if f.name == leaf)
+    _check_bounds(key, value, spec.metadata.get("bounds", {}))
+    setattr(target, leaf, value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
