@@ -234,3 +234,19 @@ def test_failure_midway_leaves_no_partial_output(predictor, notes_csv, tmp_path,
     with pytest.raises(RuntimeError, match="boom"):
         predict_file(predictor, str(notes_csv), str(tmp_path / "pred.csv"), cfg, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.csv"]
+
+
+def test_a_directory_that_is_no_model_is_one_line(tmp_path):
+    """A data directory (labels.json but no model) and a model directory without tokenizer
+    files: one MedtuneError naming the directory, not a transformers traceback."""
+    from medtune.model import load_for_inference
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "labels.json").write_text(json.dumps({"labels": ["a", "b"]}))
+    with pytest.raises(MedtuneError, match=r"data: not a model directory \(expected a medtune run"):
+        load_for_inference(data_dir)
+    (data_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(MedtuneError, match=r"data: cannot load its tokenizer \(") as info:
+        load_for_inference(data_dir)
+    assert "\n" not in str(info.value)

@@ -77,7 +77,11 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:  # no or broken tokenizer files: one line, not a traceback
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise MedtuneError(f"{path}: cannot load its tokenizer ({why[:160]})") from None
     if tok.eos_token_id is None:
         raise MedtuneError(f"{path}: tokenizer has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -228,6 +232,9 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
         template = Template.load(path)
         label_list = load_labels(labels or path)
     else:
+        if not (path / "config.json").is_file():
+            raise MedtuneError(f"{path}: not a model directory (expected a medtune run, a merged "
+                               "model or a Hugging Face model directory with config.json)")
         if labels is None and not (path / "labels.json").is_file():
             raise MedtuneError(f"{path}: plain base model: pass --labels labels.json for zero-shot")
         tokenizer = load_tokenizer(path)
