@@ -387,3 +387,17 @@ def test_qlora_keeps_frozen_weights_in_the_compute_dtype(tiny_base, two_label_da
     losses = [r["loss"] for r in history if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert any(float(v.abs().max()) > 1e-3 for k, v in _adapter(run).items() if "lora_B" in k)
+
+
+def test_bad_input_leaves_no_run_dir_behind(tiny_base, two_label_data, tmp_path):
+    """An input error (missing data file, unknown quantization) stops before the run directory
+    exists, so the corrected command runs without --overwrite."""
+    run = tmp_path / "run"
+    with pytest.raises(MedtuneError, match="missing.csv"):
+        train(tiny_cfg(tiny_base), str(tmp_path / "missing.csv"), run, progress=False)
+    with pytest.raises(MedtuneError, match="model.quantization"):
+        train(tiny_cfg(tiny_base, "model.quantization=nf5"), two_label_data, run, progress=False)
+    assert not run.exists()
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=1",
+                   "train.eval_samples=2")
+    assert train(cfg, two_label_data, run, val=two_label_data, progress=False) == run

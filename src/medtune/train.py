@@ -37,7 +37,7 @@ from medtune.batching import (
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.fsdp import unwrap
-from medtune.fsutil import atomic_dir, prepare_output_dir, read_json, write_json, write_text
+from medtune.fsutil import atomic_dir, check_output_dir, prepare_output_dir, read_json, write_json, write_text
 from medtune.model import (
     attach_lora,
     compute_dtype,
@@ -97,22 +97,26 @@ def _split_val(df, cfg: Config):
     return shuffled.iloc[n_val:], shuffled.iloc[:n_val]
 
 
+def _fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory. With --overwrite, a previous run's metrics (appended to) and
+    checkpoints (picked by --resume) must not leak into this one."""
+    prepare_output_dir(run_dir, overwrite)
+    for stale in ("metrics.jsonl", "medtune.json", "loss.png", "checkpoints", "adapter"):
+        path = run_dir / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
           resume: bool = False, overwrite: bool = False) -> Setup:
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.model.device)
     rank, world = init_distributed(device)
     run_dir = Path(output)
-    if rank == 0 and not resume:
-        prepare_output_dir(run_dir, overwrite)
-        # --overwrite: a previous run's metrics (appended to) and checkpoints (picked by --resume)
-        # must not leak into this one
-        for stale in ("metrics.jsonl", "medtune.json", "loss.png", "checkpoints", "adapter"):
-            path = run_dir / stale
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    if rank == 0 and not resume:  # refused before any work; created once the inputs have loaded
+        check_output_dir(run_dir, overwrite)
     train_df = _load_split(data, cfg)
     if val:
         val_df = _load_split(val, cfg)
@@ -165,6 +169,8 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     template = default_template(cfg.data.task, tokenizer, labels, cfg.model.template)
     enc = [encode_examples(template, tokenizer, list(df["text"]), list(df["label"]),
                            cfg.train.max_length) for df in (train_df, val_df)]
+    if rank == 0 and not resume:
+        _fresh_run_dir(run_dir, overwrite)
     meta = {"kind": "run" if cfg.lora.enabled else "merged", "base": base, "task": cfg.data.task,
             "quantization": cfg.model.quantization, "device": device,
             "compute_dtype": str(compute_dtype(device, cfg.model.compute_dtype)).replace("torch.", ""),
