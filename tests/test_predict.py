@@ -250,3 +250,16 @@ def test_a_directory_that_is_no_model_is_one_line(tmp_path):
     with pytest.raises(MedtuneError, match=r"data: cannot load its tokenizer \(") as info:
         load_for_inference(data_dir)
     assert "\n" not in str(info.value)
+
+
+def test_ragged_csv_error_in_predict_matches_inspect(tmp_path):
+    """A row with too many fields: streaming prediction names the line in the words of
+    ``data inspect`` (not pandas' C-parser message), and names the file."""
+    from medtune.predict_io import iter_records
+
+    bad = tmp_path / "ragged.csv"
+    bad.write_text("text,label\n" + "a note,CT Head\n" * 5 + "x,y,z,w\n")
+    with pytest.raises(DataError) as info:
+        chunks, _ = iter_records(bad)
+        list(chunks)
+    assert str(info.value) == f"{bad}: line 7: expected 2 fields, got 4"

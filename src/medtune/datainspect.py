@@ -27,7 +27,8 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
         return {}
     values = np.asarray(lengths, dtype=float)
     return {"min": int(values.min()), "mean": round(float(values.mean()), 1),
-            "p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95)),
+            "p50": round(float(np.percentile(values, 50)), 1),
+            "p95": round(float(np.percentile(values, 95)), 1),
             "max": int(values.max())}
 
 

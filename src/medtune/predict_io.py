@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,19 @@ class Chunk:
     ids: list[str]
     texts: list[str]
     gold: list[str] | None
+
+
+_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def _parser_error(message: str) -> str:
+    """pandas' CSV parser error in the words ``medtune data inspect`` uses for the same file."""
+    found = _FIELDS.search(message)
+    if found:
+        want, line, got = found.groups()
+        return f"line {line}: expected {want} fields, got {got}"
+    first = message.strip().splitlines()[0] if message.strip() else "no columns"
+    return f"malformed CSV ({first})"
 
 
 def _cell(value: Any, where: str) -> str:
@@ -90,8 +104,7 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
             except pd.errors.EmptyDataError:
                 raise DataError(f"{path}: file is empty") from None
             except pd.errors.ParserError as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no columns"
-                raise DataError(f"{path}: malformed CSV ({first})") from None
+                raise DataError(f"{path}: {_parser_error(str(exc))}") from None
         return delimited(), None
     if suffix in JSON_LINES:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:
