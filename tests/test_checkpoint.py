@@ -93,7 +93,8 @@ def test_validation_during_training_does_not_change_training(run_a, tiny_base, d
     assert max_diff(adapter(run_a), adapter(run_c)) < 1e-5
 
 
-def test_ctrl_c_checkpoints_then_resume_finishes_the_same_run(run_a, tiny_base, data, tmp_path):
+def test_ctrl_c_checkpoints_then_resume_finishes_the_same_run(run_a, tiny_base, data, tmp_path,
+                                                              capsys):
     def ctrl_c_at_step_2(row):
         if row.get("step") == 2:
             os.kill(os.getpid(), signal.SIGINT)  # handled: finish the step, checkpoint, stop
@@ -108,8 +109,23 @@ def test_ctrl_c_checkpoints_then_resume_finishes_the_same_run(run_a, tiny_base, 
               callbacks=[ctrl_c_at_step_2])
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-0000002"]
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
+    capsys.readouterr()
     train(run_cfg(tiny_base), data, run, val=data, progress=False, resume=True)
     assert max_diff(adapter(run_a), adapter(run)) < 1e-5
+    assert "config changed" not in capsys.readouterr().err  # the same config: no warning
+
+
+def test_resume_with_a_changed_config_warns_naming_the_keys(tiny_base, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run_cfg(tiny_base, "train.max_steps=2", "train.save_every=1"), data, run, val=data,
+          progress=False)
+    capsys.readouterr()
+    train(run_cfg(tiny_base, "train.max_steps=3", "train.lr=5e-3", "train.log_every=2"), data,
+          run, val=data, progress=False, resume=True)
+    err = capsys.readouterr().err
+    # save_every and log_every are bookkeeping: not listed
+    assert "warning: config changed since the checkpoint: train.lr, train.max_steps;" in err
+    assert ckpt.config_changes(None, Config().to_dict()) == []  # a checkpoint from before
 
 
 def test_resume_without_complete_checkpoint_is_an_error(tiny_base, data, tmp_path):

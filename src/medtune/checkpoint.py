@@ -93,3 +93,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     py = state.pop("python_random")
     random.setstate((3, tuple(py), None))
     return state
+
+
+SAFE_TO_CHANGE = {"train.log_every", "train.eval_every", "train.eval_samples", "train.save_every",
+                  "train.keep_checkpoints"}  # bookkeeping: a resumed run trains the same
+
+
+def config_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """Dotted keys (``predict`` aside) whose value differs between the config a checkpoint was
+    written with and the resuming one; [] for a checkpoint that predates this record."""
+    if not saved:
+        return []
+    return sorted(f"{section}.{key}" for section, values in current.items() if section != "predict"
+                  for key, value in values.items()
+                  if saved.get(section, {}).get(key, value) != value
+                  and f"{section}.{key}" not in SAFE_TO_CHANGE)
+

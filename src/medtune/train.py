@@ -302,6 +302,10 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
         if s.rank == 0:
             resumed = _drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
             print(f"resuming from {found[-1].name} (step {start_step}/{total})", file=sys.stderr)
+            changed = ckpt.config_changes(state.get("config"), cfg.to_dict())
+            if changed:  # the schedule and optimizer state came from the old config
+                print(f"warning: config changed since the checkpoint: {', '.join(changed)}; the "
+                      "result will differ from an uninterrupted run", file=sys.stderr)
     lengths = [len(e.input_ids) for e in s.train]
     micro = tc.micro_batch_size or tc.batch_size
     s.model.train()
@@ -388,7 +392,8 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                             fsdp.full_optimizer_state(s.model, optimizer)) if sharded else None
                     if s.rank == 0:
                         ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
-                                             {"epoch": epoch, "micro_batch_size": micro},
+                                             {"epoch": epoch, "micro_batch_size": micro,
+                                              "config": cfg.to_dict()},
                                              keep=tc.keep_checkpoints, full=full)
                 if halt:
                     barrier()  # no rank exits (and gets the others killed) mid-checkpoint
