@@ -393,9 +393,9 @@ def test_bad_input_leaves_no_run_dir_behind(tiny_base, two_label_data, tmp_path)
     """An input error (missing data file, unknown quantization) stops before the run directory
     exists, so the corrected command runs without --overwrite."""
     run = tmp_path / "run"
-    with pytest.raises(MedtuneError, match="missing.csv"):
+    with pytest.raises(MedtuneError, match=r"missing\.csv"):
         train(tiny_cfg(tiny_base), str(tmp_path / "missing.csv"), run, progress=False)
-    with pytest.raises(MedtuneError, match="model.quantization"):
+    with pytest.raises(MedtuneError, match=r"model\.quantization"):
         train(tiny_cfg(tiny_base, "model.quantization=nf5"), two_label_data, run, progress=False)
     assert not run.exists()
     cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=1",

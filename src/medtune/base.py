@@ -161,12 +161,15 @@ def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpe
     gen = torch.Generator().manual_seed(spec.seed)
     model.train()
     start = time.time()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+    from medtune.progress import make_progress
 
     losses: list[float] = []
-    with Progress(TextColumn("[bold]base pretraining"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                  disable=not progress, transient=False) as bar:
+    with make_progress("base pretraining", TextColumn("[bold]base pretraining"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
+                       disable=not progress) as bar:
         task = bar.add_task("pretrain", total=spec.steps, loss=float("nan"))
         for _ in range(spec.steps):
             idx = torch.randint(0, data.shape[0], (spec.batch_size,), generator=gen)

@@ -279,12 +279,13 @@ def rows_frame(chunk: Chunk, rows: list[dict[str, Any]], *, mode: str, snap: boo
 @contextlib.contextmanager
 def progress_bar(enabled: bool, total: int | None) -> Iterator[Callable[[int, float], None]]:
     """A rich bar on stderr with notes/s; it shows counts only, never text."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]:.1f} notes/s"), TimeElapsedColumn(),
-                   console=Console(stderr=True), disable=not enabled)
+    from medtune.progress import make_progress
+
+    bar = make_progress("predict", TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:.1f} notes/s"), TimeElapsedColumn(),
+                        disable=not enabled)
     with bar:
         task = bar.add_task("predict", total=total, rate=0.0)
         done = [0]

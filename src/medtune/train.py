@@ -317,15 +317,18 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     # every rank traps the signal (torchrun forwards it to all); the flag is all-reduced below
     old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} \
         if _main_thread() else {}
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+    from medtune.progress import make_progress
 
     t0, tok_window, last = time.time(), 0, resumed  # resumed: a run killed after its last step
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
-        with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} "
-                                 "{task.fields[tps]:.0f} tok/s"), TimeRemainingColumn(),
-                      disable=not progress or s.rank != 0) as bar:
+        with make_progress("train", TextColumn("[bold]train"), BarColumn(),
+                           TextColumn("{task.completed}/{task.total}"),
+                           TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} "
+                                      "{task.fields[tps]:.0f} tok/s"), TimeRemainingColumn(),
+                           disable=not progress or s.rank != 0) as bar:
             task = bar.add_task("train", total=total, completed=start_step, loss=float("nan"),
                                 lr=scheduler.get_last_lr()[0], tps=0.0)
             for step in range(start_step, total):
