@@ -67,3 +67,19 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_base, tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no complete checkpoint" in last
     assert "Traceback" not in out.stderr
+
+
+def test_train_in_a_log_prints_plain_progress_and_no_library_bars(tiny_base, tmp_path):
+    """stderr is a pipe here, as in a log file or CI: medtune's own progress lines, with numbers
+    only, and none of transformers' "Loading weights" bars."""
+    data = tmp_path / "t.csv"
+    labels = ["head" if i in (0, 1, 4, 5) else "body" for i in range(8)]
+    pd.DataFrame({"text": TINY_NOTES[:16], "label": labels * 2}).to_csv(data, index=False)
+    out = medtune("train", "--data", str(data), "--output", str(tmp_path / "run"),
+                  "--base", str(tiny_base), "model.device=cpu", "model.quantization=none",
+                  "train.batch_size=4", "train.max_steps=3", "train.eval_samples=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Loading weights" not in out.stderr and "it/s]" not in out.stderr
+    progress = [line for line in out.stderr.splitlines() if line.startswith("train ")]
+    assert progress and progress[-1].startswith("train 3/3 loss=")
+    assert not any(note[:20] in out.stderr + out.stdout for note in TINY_NOTES[:16])
