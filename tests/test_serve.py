@@ -291,3 +291,18 @@ def test_fuzz_predict_against_openapi_schema_no_5xx(merged_dir):
         check()
     assert len(statuses) >= 50
     assert 200 in statuses and 422 in statuses  # both valid and invalid bodies were sent
+
+
+def test_serve_refuses_a_missing_model_directory_before_starting(tmp_path, monkeypatch):
+    """A mistyped path is one error at once, not a live server answering 503 forever."""
+    import uvicorn
+
+    from medtune.serve import serve
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(a))
+    with pytest.raises(MedtuneError, match=r"nope: model directory not found"):
+        serve(str(tmp_path / "nope"))
+    assert started == []
+    serve("models:/protocol@champion")  # resolved by the background loader, as before
+    assert len(started) == 1

@@ -38,6 +38,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medtune.errors import MedtuneError
+
 log = logging.getLogger("medtune.serve")
 PUBLIC = frozenset({"/", "/healthz", "/readyz"})
 ROUTES = frozenset({*PUBLIC, "/v1/labels", "/v1/predict", "/docs", "/openapi.json", "/redoc"})
@@ -414,6 +416,9 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     log.setLevel(logging.INFO)
     api_key = api_key or os.environ.get("MEDTUNE_API_KEY") or None
     _check_bind(host, api_key)
+    if isinstance(model, str | Path) and not str(model).startswith("models:/") \
+            and not Path(model).is_dir():  # a typo fails now, not as a 503 behind a live server
+        raise MedtuneError(f"{model}: model directory not found")
     app = create_app(model, api_key=api_key, **limits)
     uvicorn.run(app, host=host, port=port, access_log=False, server_header=False,
                 log_level="info")
