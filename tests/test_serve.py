@@ -123,6 +123,14 @@ def test_min_confidence_per_request(client):
     body["min_confidence"] = 0.0
     preds = client.post("/v1/predict", json=body, headers=AUTH).json()["predictions"]
     assert [p["abstained"] for p in preds] == [False, True]  # a blank note always abstains
+    for bad in (b"NaN", b"Infinity", b"1.5"):  # JSON's non-standard NaN says what is wrong
+        raw = b'{"note": "x", "min_confidence": ' + bad + b"}"
+        response = client.post("/v1/predict", content=raw, headers={
+            **AUTH, "content-type": "application/json"})
+        assert response.status_code == 422
+        want = "less than or equal to 1" if bad == b"1.5" else "finite number"
+        assert response.json()["message"].startswith("min_confidence: ") and want in \
+            response.json()["message"]
 
 
 def test_odd_unicode_is_handled(client):

@@ -263,7 +263,7 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
         note: Note | None = Field(None, description="One clinical note.")
         notes: Annotated[list[Note], Field(min_length=1, max_length=max_batch)] | None = \
             Field(None, description=f"Up to {max_batch} notes.")
-        min_confidence: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        min_confidence: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = Field(
             None, description="Abstain below this probability (default: the model's).")
 
         @model_validator(mode="after")
