@@ -157,6 +157,17 @@ def test_body_limit_413(client):
     assert chunked.status_code == 413  # no Content-Length: counted while reading
 
 
+def test_a_body_that_is_not_json_is_415_naming_the_content_type(client):
+    body = json.dumps({"note": TINY_NOTES[0]})
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+        response = client.post("/v1/predict", content=body, headers={**AUTH, "Content-Type": kind})
+        assert response.status_code == 415
+        assert response.json()["detail"] == f"send JSON (content-type: application/json), not {kind}"
+    for kind in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        response = client.post("/v1/predict", content=body, headers={**AUTH, "Content-Type": kind})
+        assert response.status_code == 200, kind
+
+
 def test_too_long_note_and_batch_422_without_echo(client):
     long_note = SECRET + " x" * 200
     response = client.post("/v1/predict", json={"notes": ["ok", long_note]}, headers=AUTH)

@@ -11,7 +11,8 @@ Micro-batching: every request puts its notes on one queue; a single worker takes
 call in a worker thread, then resolves each request's future. Under load, batches fill at once.
 
 Security: bearer token (``api_key`` or $MEDTUNE_API_KEY) on every route except /, /healthz and
-/readyz; body limit (413), note length and batch size limits (422), concurrency limit (429),
+/readyz; body limit (413), JSON bodies only (415), note length and batch size limits (422),
+concurrency limit (429),
 127.0.0.1 by default. Notes are never logged: the access log holds method, route, status and
 latency only (uvicorn's own access log is off).
 """
@@ -177,10 +178,17 @@ class Guard:
                              {"www-authenticate": "Bearer"})
             return
         too_big = {"detail": f"request body larger than {self.max_body} bytes"}
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                await _send_json(send, 413, too_big)
-                return
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            await _send_json(send, 413, too_big)
+            return
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope.get("method") == "POST" and kind not in (b"application/json", b"") \
+                and not kind.endswith(b"+json"):
+            await _send_json(send, 415, {"detail": f"send JSON (content-type: application/json), "
+                                         f"not {kind.decode('latin-1')[:60]}"})
+            return
         chunks, size, more = [], 0, True
         while more:  # read the whole (bounded) body first, then replay it to the app
             message = await receive()
