@@ -12,9 +12,8 @@ call in a worker thread, then resolves each request's future. Under load, batche
 
 Security: bearer token (``api_key`` or $MEDTUNE_API_KEY) on every route except /, /healthz and
 /readyz; body limit (413), JSON bodies only (415), note length and batch size limits (422),
-concurrency limit (429),
-127.0.0.1 by default. Notes are never logged: the access log holds method, route, status and
-latency only (uvicorn's own access log is off).
+concurrency limit (429), 127.0.0.1 by default. Notes are never logged: the access log holds
+method, route, status and latency only (uvicorn's own access log is off).
 """
 
 import asyncio
