@@ -358,3 +358,36 @@ def test_split_scrubs_phi_before_dedup(tmp_path):
     assert card["normalized_duplicate_rows"] == 1  # identical once the addresses are replaced
     written = "".join((tmp_path / "out" / f"{s}.csv").read_text() for s in ("train", "val", "test"))
     assert "example.org" not in written and "example.net" not in written
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_json_object_as_text_is_refused_naming_the_place(tmp_path, suffix):
+    """A JSON object or array where a note (or label) belongs is an error, in training data and
+    in streamed prediction input alike; nested values in other columns are kept as JSON text."""
+    from medtune.predict_io import iter_records
+
+    rows = [{"text": "chest pain", "label": "CT Chest", "meta": {"site": 1}},
+            {"text": {"body": "a note"}, "label": "CT Head"}]
+    path = tmp_path / f"notes{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+        place = "record 2"
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        place = "line 2"
+    expected = f"{path}: {place}, column 'text': a JSON object or array, expected a string"
+    with pytest.raises(DataError) as info:
+        load_labeled(path)
+    assert str(info.value) == expected
+    with pytest.raises(DataError) as info:  # prediction streams the same file
+        list(iter_records(path)[0])
+    assert str(info.value) == expected
+    rows[1] = {"text": "head trauma", "label": ["CT Head"]}
+    path.write_text(json.dumps(rows) if suffix == ".json" else
+                    "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"column 'label': a JSON object or array"):
+        load_labeled(path)
+    rows[1]["label"] = "CT Head"
+    path.write_text(json.dumps(rows) if suffix == ".json" else
+                    "".join(json.dumps(r) + "\n" for r in rows))
+    assert list(load_labeled(path)["label"]) == ["CT Chest", "CT Head"]

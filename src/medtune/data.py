@@ -16,7 +16,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,26 @@ def _as_str(value: Any) -> str:
     return str(value)
 
 
+def nested_places(records: list[dict[str, Any]], where: list[str]) -> dict[str, str]:
+    """Column -> place (``where``) of its first JSON object or array: a cell that is no text."""
+    found: dict[str, str] = {}
+    for record, place in zip(records, where, strict=True):
+        for key, value in record.items():
+            if isinstance(value, dict | list) and key not in found:
+                found[key] = place
+    return found
+
+
+def refuse_nested(df: pd.DataFrame, path: str | Path, columns: Sequence[str | None]) -> None:
+    """One line naming the place and column where a text or label cell is a JSON object or
+    array (``df.attrs['nested']``, set by the JSON readers) instead of a string."""
+    nested = df.attrs.get("nested", {})
+    for column in columns:
+        if column and column in nested:
+            raise DataError(f"{path}: {nested[column]}, column '{shown(column)}': a JSON object "
+                            "or array, expected a string")
+
+
 def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     columns: dict[str, None] = {}
     for record in records:
@@ -207,7 +227,9 @@ def _read_json(path: Path, text: str, bad: int | None):
     for item, place in zip(data, where, strict=True):
         if not isinstance(item, dict):
             raise DataError(f"{path}: {place}: expected a JSON object, got {type(item).__name__}")
-    return _frame(data), where
+    df = _frame(data)
+    df.attrs["nested"] = nested_places(data, where)
+    return df, where
 
 
 def _read_parquet(path: Path):
@@ -401,6 +423,7 @@ def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
     source["cop"] = _find_column(df, path, "cop", cop_column, ["cop"], require_labels)
     for name in ("subject_name", "choice_type", "exp"):
         source[name] = _find_column(df, path, name, None, [name], False)
+    refuse_nested(df, path, [source[name] for name in ("question", *OPTION_COLUMNS, "cop")])
     out = pd.DataFrame({"id": _ids(df, path, {c for c in source.values() if c})})
     for name, column in source.items():
         out[name] = df[column].to_numpy() if column else ""
@@ -439,6 +462,7 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
     if text == label:
         raise DataError(f"{path}: text and label are the same column '{shown(text)}'")
     assert text is not None
+    refuse_nested(df, path, (text, label))
     out = pd.DataFrame({"id": _ids(df, path, {text, label or ""}),
                         "text": df[text].to_numpy(),
                         "label": df[label].str.strip().to_numpy() if label else ""}, dtype=str)

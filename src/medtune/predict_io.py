@@ -120,6 +120,7 @@ def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:
     from medtune.data import parse_json
 
     batch: list[dict[str, Any]] = []
+    places: list[str] = []
     with open(path, encoding="utf-8-sig") as fh:
         try:
             for lineno, line in enumerate(fh, 1):
@@ -129,22 +130,27 @@ def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:
                 if not isinstance(item, dict):
                     raise DataError(f"{path}: line {lineno}: expected a JSON object")
                 batch.append(item)
+                places.append(f"line {lineno}")
                 if len(batch) == rows:
-                    yield _records_frame(batch)
-                    batch = []
+                    yield _records_frame(batch, places)
+                    batch, places = [], []
         except UnicodeDecodeError:
             raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
     if batch:
-        yield _records_frame(batch)
+        yield _records_frame(batch, places)
 
 
-def _records_frame(items: list[dict[str, Any]]) -> pd.DataFrame:
+def _records_frame(items: list[dict[str, Any]], places: list[str]) -> pd.DataFrame:
+    from medtune.data import nested_places
+
     columns: dict[str, None] = {}
     for item in items:
         columns.update(dict.fromkeys(item))
-    return pd.DataFrame({c: [_cell(it.get(c), c) if not isinstance(it.get(c), dict | list)
-                             else json.dumps(it.get(c)) for it in items] for c in columns},
-                        dtype=str)
+    df = pd.DataFrame({c: [_cell(it.get(c), c) if not isinstance(it.get(c), dict | list)
+                           else json.dumps(it.get(c)) for it in items] for c in columns},
+                      dtype=str)
+    df.attrs["nested"] = nested_places(items, places)
+    return df
 
 
 def iter_records(data: str | Path, *, task: str = "protocol", text_column: str | None = None,
@@ -153,7 +159,7 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     """Stream ``data`` as Chunks. Columns are found (and checked) on the first chunk, so a bad
     file fails before any model is loaded. Ids: the ``id`` column, else the row number from 0
     (as ``data.load_labeled``)."""
-    from medtune.data import TASKS, _find_column, _parse_cop, shown
+    from medtune.data import TASKS, _find_column, _parse_cop, refuse_nested, shown
     from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
     from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
@@ -180,6 +186,7 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     def chunks() -> Iterator[Chunk]:
         offset, seen = 0, set()
         for df in itertools.chain([first], raw):
+            refuse_nested(df, path, (text, label, *options))
             missing = [c for c in (text, label, id_col, *options) if c and c not in df.columns]
             if missing:  # JSON lines may leave a key out of a whole chunk: same as blank
                 df = df.assign(**dict.fromkeys(missing, ""))
