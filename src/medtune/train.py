@@ -37,7 +37,7 @@ from medtune.batching import (
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.fsdp import unwrap
-from medtune.fsutil import atomic_dir, check_output_dir, prepare_output_dir, read_json, write_json, write_text
+from medtune.fsutil import atomic_dir, check_output_dir, prepare_output_dir, read_json, write_json
 from medtune.model import (
     attach_lora,
     compute_dtype,
@@ -47,6 +47,7 @@ from medtune.model import (
     resolve_device,
 )
 from medtune.optim import _is_oom, make_optimizer, make_scheduler, param_groups
+from medtune.runlog import drop_metrics_after, plot_losses
 from medtune.sft import (
     all_reduce_,
     all_reduce_grads_,
@@ -252,34 +253,6 @@ def _log(s: Setup, row: dict[str, Any], callbacks: list[Callback]) -> None:
         cb(row)
 
 
-def _metric_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl; a line torn by a crash mid-append (SIGKILL, full disk) is skipped."""
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
-def _drop_metrics_after(path: Path, step: int) -> dict[str, Any]:
-    """Resume: rows logged after the checkpoint belong to steps that are about to be redone.
-    Returns the rows of ``step`` merged (the summary of a run resumed at its last step)."""
-    if not path.exists():
-        return {}
-    rows = [r for r in _metric_rows(path) if r.get("step", 0) <= step]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    last: dict[str, Any] = {}
-    for r in rows:
-        if r.get("step") == step:
-            last.update(r)
-    return last
-
-
 def fit(s: Setup, *, resume: bool = False, progress: bool = True,
         callbacks: list[Callback] | None = None) -> dict[str, Any]:
     cfg, tc = s.cfg, s.cfg.train
@@ -300,7 +273,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
         state = ckpt.load_checkpoint(found[-1], s.model, optimizer, scheduler)
         start_step = state["step"]
         if s.rank == 0:
-            resumed = _drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
+            resumed = drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
             print(f"resuming from {found[-1].name} (step {start_step}/{total})", file=sys.stderr)
             changed = ckpt.config_changes(state.get("config"), cfg.to_dict())
             if changed:  # the schedule and optimizer state came from the old config
@@ -437,33 +410,9 @@ def save(s: Setup, summary: dict[str, Any]) -> Path:
         shutil.rmtree(out / ".model")
     s.template.save(out)
     write_json(out / "labels.json", {"task": s.cfg.data.task, "labels": s.labels})
-    _plot_losses(out / "metrics.jsonl", out / "loss.png")
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
     write_json(out / "medtune.json", {**s.meta, "summary": summary})
     return out
-
-
-def _plot_losses(metrics: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _metric_rows(metrics)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    for pts, name in ((tr, "train loss"), (va, "val loss")):
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o" if name == "val loss" else None, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.legend()
-    fig.tight_layout()
-    from medtune.fsutil import atomic_file
-
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
