@@ -108,4 +108,3 @@ def config_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> lis
                   for key, value in values.items()
                   if saved.get(section, {}).get(key, value) != value
                   and f"{section}.{key}" not in SAFE_TO_CHANGE)
-

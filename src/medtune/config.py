@@ -40,8 +40,7 @@ def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
         return
     if not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value}")
-    failed = [k for k, limit in bounds.items() if not _BOUND_TEXT[k][1](float(value), float(limit))]
-    if failed:
+    if not all(_BOUND_TEXT[k][1](float(value), float(limit)) for k, limit in bounds.items()):
         rule = " and ".join(f"{_BOUND_TEXT[k][0]} {bounds[k]:g}" for k in bounds)
         raise ConfigError(f"{key}: must be {rule}, got {value:g}")
 

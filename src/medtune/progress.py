@@ -55,9 +55,9 @@ class LineProgress:
         done = f"{task['completed']:g}" + (f"/{task['total']:g}" if task["total"] else "")
         fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in task["fields"].items())
-        elapsed = time.monotonic() - task["start"]
-        print(f"{self.label} {done} {fields} {elapsed:.0f}s".replace("  ", " "),
-              file=self.stream, flush=True)
+        elapsed = f"{time.monotonic() - task['start']:.0f}s"
+        print(" ".join(p for p in (self.label, done, fields, elapsed) if p), file=self.stream,
+              flush=True)
 
 
 def make_progress(label: str, *columns: Any, disable: bool = False, console: Any = None):

@@ -275,7 +275,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
         if s.rank == 0:
             resumed = drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
             print(f"resuming from {found[-1].name} (step {start_step}/{total})", file=sys.stderr)
-            changed = ckpt.config_changes(state.get("config"), cfg.to_dict())
+            changed = ckpt.config_changes(state.get("config"), s.meta["config"])
             if changed:  # the schedule and optimizer state came from the old config
                 print(f"warning: config changed since the checkpoint: {', '.join(changed)}; the "
                       "result will differ from an uninterrupted run", file=sys.stderr)
@@ -369,7 +369,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                     if s.rank == 0:
                         ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
                                              {"epoch": epoch, "micro_batch_size": micro,
-                                              "config": cfg.to_dict()},
+                                              "config": s.meta["config"]},
                                              keep=tc.keep_checkpoints, full=full)
                 if halt:
                     barrier()  # no rank exits (and gets the others killed) mid-checkpoint
