@@ -40,10 +40,27 @@ def test_learns_separable_toy_set():
     assert result.confidence.min() > 1 / 3
     assert result.fit_seconds > 0 and result.predict_seconds > 0
     assert result.size_bytes > 1000
+    assert result.latency_s == []  # no per-note timing unless asked
+    assert result.peak_traced_mb is not None and result.peak_traced_mb > 0
     top = result.top_k(2)
     assert top[0][0][0] == test_y[0] and top[0][0][1] >= top[0][1][1]
     preds, probs = result  # also unpacks as (predictions, probability matrix)
     assert preds == test_y and probs is result.probabilities
+
+
+def test_per_note_latency_sample_and_caller_trace_left_alone():
+    import tracemalloc
+
+    train_x, train_y = _toy(0)
+    test_x, _ = _toy(1)
+    tracemalloc.start()
+    try:
+        result = tfidf_baseline(train_x, train_y, test_x, latency_sample=5)
+        assert tracemalloc.is_tracing()  # the caller's trace survives
+    finally:
+        tracemalloc.stop()
+    assert len(result.latency_s) == 5 and all(t > 0 for t in result.latency_s)
+    assert result.peak_traced_mb is None  # not measured inside someone else's trace
 
 
 def test_rejects_bad_input():

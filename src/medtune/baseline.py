@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
+import tracemalloc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,11 @@ from medtune.metrics import as_label_strings
 class TfidfResult:
     """Predictions of the TF-IDF baseline plus its cost.
 
-    ``predict_seconds`` is seconds per test note; ``size_bytes`` is the pickled fitted pipeline.
+    ``predict_seconds`` is seconds per test note when all are predicted in one call;
+    ``latency_s`` holds the seconds of the first ``latency_sample`` notes predicted one at a time
+    (what the models' p50/p95 latency measure); ``peak_traced_mb`` is the peak of the memory
+    Python, NumPy and SciPy allocated during fit and predict (``tracemalloc``: the baseline's own
+    memory, without the interpreter's); ``size_bytes`` is the pickled fitted pipeline.
     Unpacks like the tuple ``(predictions, probabilities)``:
     ``preds, probs = tfidf_baseline(...)``.
     """
@@ -41,6 +46,8 @@ class TfidfResult:
     fit_seconds: float
     predict_seconds: float
     size_bytes: int
+    latency_s: list[float] = field(default_factory=list)
+    peak_traced_mb: float | None = None
     probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
 
     def __iter__(self) -> Iterator[Any]:
@@ -88,7 +95,8 @@ def build_pipeline(C: float = 10.0, seed: int = 0) -> Any:
 
 
 def tfidf_baseline(train_texts: Sequence[str], train_labels: Sequence[str],
-                   test_texts: Sequence[str], *, C: float = 10.0, seed: int = 0) -> TfidfResult:
+                   test_texts: Sequence[str], *, C: float = 10.0, seed: int = 0,
+                   latency_sample: int = 0) -> TfidfResult:
     """Fit TF-IDF + logistic regression on the training notes and predict the test notes.
 
     Returns a ``TfidfResult`` (predictions, max-probability confidence, classes, fit seconds,
@@ -106,13 +114,26 @@ def tfidf_baseline(train_texts: Sequence[str], train_labels: Sequence[str],
         raise DataError("train_labels: need at least two distinct labels to fit a classifier")
 
     pipe = build_pipeline(C=C, seed=seed)
-    start = time.perf_counter()
-    pipe.fit(x_train, y_train)
-    fit_seconds = time.perf_counter() - start
+    tracing = not tracemalloc.is_tracing()  # a caller's own trace is left alone
+    if tracing:
+        tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        pipe.fit(x_train, y_train)
+        fit_seconds = time.perf_counter() - start
 
-    start = time.perf_counter()
-    probs = pipe.predict_proba(x_test)
-    predict_seconds = (time.perf_counter() - start) / len(x_test)
+        start = time.perf_counter()
+        probs = pipe.predict_proba(x_test)
+        predict_seconds = (time.perf_counter() - start) / len(x_test)
+        peak = tracemalloc.get_traced_memory()[1] / 2**20 if tracing else None
+    finally:
+        if tracing:
+            tracemalloc.stop()
+    latency = []
+    for text in x_test[:max(0, latency_sample)]:
+        start = time.perf_counter()
+        pipe.predict_proba([text])
+        latency.append(time.perf_counter() - start)
 
     classes = [str(c) for c in pipe.classes_]
     best = probs.argmax(axis=1)
@@ -123,5 +144,7 @@ def tfidf_baseline(train_texts: Sequence[str], train_labels: Sequence[str],
         fit_seconds=fit_seconds,
         predict_seconds=predict_seconds,
         size_bytes=len(pickle.dumps(pipe, protocol=pickle.HIGHEST_PROTOCOL)),
+        latency_s=latency,
+        peak_traced_mb=peak,
         probabilities=probs,
     )

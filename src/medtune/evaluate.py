@@ -368,7 +368,9 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
                      f"(outside the label set: {metrics['outside_label_set']}).")
     notes.append(f"Peak memory: {metrics['memory_kind']}"
                  + (", each model in its own process" if isolate else "")
-                 + "; model memory = peak minus the resident set before loading.")
+                 + "; model memory = peak minus the resident set before loading"
+                 + ("; TF-IDF: the peak of what Python, NumPy and SciPy allocated during fit and "
+                    "predict (tracemalloc)" if tfidf is not None else "") + ".")
     metrics["comparison"] = comparison
     # the report directory appears complete or not at all; --overwrite replaces it whole
     with atomic_dir(output) as tmp:
@@ -380,17 +382,19 @@ def _tfidf_row(train_path: str | None, texts, gold, labels,
                task: str) -> tuple[dict[str, Any], list[str]]:
     from medtune.baseline import tfidf_baseline
     from medtune.data import load_labeled
-    from medtune.metrics import classification_metrics
+    from medtune.metrics import classification_metrics, latency_stats
 
     assert train_path is not None  # _check_baselines
     tr = load_labeled(train_path, task=task)
-    res = tfidf_baseline(list(tr["text"]), list(tr["label"]), texts)
+    res = tfidf_baseline(list(tr["text"]), list(tr["label"]), texts, latency_sample=LATENCY_SAMPLE)
     m = classification_metrics(gold, list(res.predictions), None, labels)
+    lat = latency_stats(res.latency_s)  # one note at a time, as the models' rows
     row = {"model": "TF-IDF + logistic regression", "accuracy": round(m["accuracy"], 4),
            "macro_f1": round(m["macro_f1"], 4), "size_mb": round(res.size_bytes / 2**20, 2),
            "weight_mb": None, "params": None, "bits_per_param": None,
-           "quantized_bits_per_param": None, "peak_memory_mb": None, "model_memory_mb": None,
-           "latency_p50_ms": round(res.predict_seconds * 1000, 3), "latency_p95_ms": None,
+           "quantized_bits_per_param": None, "peak_memory_mb": None,
+           "model_memory_mb": _r(res.peak_traced_mb, 1),
+           "latency_p50_ms": _r(lat["p50_ms"], 3), "latency_p95_ms": _r(lat["p95_ms"], 3),
            "throughput": round(1 / max(res.predict_seconds, 1e-12), 1)}
     return row, list(res.predictions)
 
