@@ -187,3 +187,23 @@ def test_overwrite_replaces_the_report_and_failure_leaves_nothing(merged_dir, sp
         evaluate(str(broken), str(splits / "test.csv"), str(tmp_path / "new"), isolate=False,
                  similarity=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "r"]
+
+
+def test_model_card_finds_the_data_card_from_another_directory(tmp_path, monkeypatch):
+    """A run records its data file as given (maybe relative) and resolved: evaluate run from
+    another directory still finds the data card next to it."""
+    from medtune.evaluate import model_card
+
+    data_dir = tmp_path / "project" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "data_card.json").write_text(json.dumps({"leakage_across_splits": 0}))
+    model = tmp_path / "run"
+    model.mkdir()
+    (model / "medtune.json").write_text(json.dumps({
+        "kind": "run", "data": "data/train.csv", "train_rows": 10,
+        "data_resolved": str(data_dir / "train.csv")}))
+    monkeypatch.chdir(tmp_path)  # "data/train.csv" does not exist from here
+    card = model_card(str(model), "test.csv", {"task": "protocol", "n": 4}, ["A", "B"],
+                      {"quantization": "none", "params": 10, "bits_per_param": 32.0})
+    assert card["leakage"] == "0 normalized texts shared between splits (data card)"
+    assert card["training_data"] == "data/train.csv (10 rows)"

@@ -409,7 +409,8 @@ def model_card(model: str, data: str, metrics: dict[str, Any], labels: list[str]
     lora, train = conf.get("lora") or {}, conf.get("train") or {}
     summary = meta.get("summary") or {}
     trained_on = meta.get("data") or train_path
-    card_path = Path(trained_on or data).with_name("data_card.json")
+    # the run's absolute path first: the card is found whatever directory evaluate runs in
+    card_path = Path(meta.get("data_resolved") or trained_on or data).with_name("data_card.json")
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
     leak = metrics.get("leakage")
     if leak is not None:

@@ -152,7 +152,7 @@ class MlflowCallback:
 def _data_card(run_dir: Path) -> Path | None:
     """data_card.md next to the training file the run was trained on, if there is one."""
     meta = read_json(run_dir / "medtune.json") if (run_dir / "medtune.json").is_file() else {}
-    data = meta.get("data")
+    data = meta.get("data_resolved") or meta.get("data")  # resolved: from any directory
     if not data:
         return None
     card = Path(data).parent / "data_card.md"

@@ -176,6 +176,7 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
             "quantization": cfg.model.quantization, "device": device,
             "compute_dtype": str(compute_dtype(device, cfg.model.compute_dtype)).replace("torch.", ""),
             "train_rows": len(train_df), "val_rows": len(val_df), "data": str(data),
+            "data_resolved": str(Path(data).resolve()),  # found again from any directory
             "processes": world, "sharded": fsdp.is_sharded(model),
             "config": cfg.to_dict()}
     return Setup(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, template=template,
