@@ -135,3 +135,35 @@ def test_bounds_hold_in_files_and_accept_the_edges(tmp_path):
             value = getattr(getattr(Config(), section.name), f.name)
             load_config(None, [f"{section.name}.{f.name}={value}"] if isinstance(value, int | float)
                         and not isinstance(value, bool) else [])
+
+
+def _choice_fields() -> list[tuple[str, tuple[str, ...]]]:
+    cfg = Config()
+    return [(f"{sec.name}.{f.name}", f.metadata["choices"])
+            for sec in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, sec.name)) if f.metadata.get("choices")]
+
+
+def test_fixed_choice_fields_refuse_unknown_values_at_load(tmp_path):
+    fields = dict(_choice_fields())
+    assert {"data.task", "model.quantization", "model.template", "train.optimizer",
+            "train.scheduler", "predict.mode", "predict.merge", "predict.merge_dtype"} <= set(fields)
+    for key, choices in fields.items():
+        section, leaf = key.split(".")
+        for value in choices:  # every listed value loads
+            assert getattr(getattr(load_config(None, [f"{key}={value}"]), section), leaf) == value
+        with pytest.raises(ConfigError, match=rf"^{key}: unknown 'bogus' \(choose from "):
+            load_config(None, [f"{key}=bogus"])
+    path = tmp_path / "c.yaml"  # the same check on a file's value
+    path.write_text("predict:\n  mode: Constrained\n")
+    with pytest.raises(ConfigError, match=r"predict\.mode: unknown 'Constrained'"):
+        load_config(path, [])
+
+
+def test_unknown_device_is_one_line_error():
+    from medtune.errors import MedtuneError
+    from medtune.model import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(MedtuneError, match=r"model.device: unknown 'gpu' \(auto, cpu, cuda"):
+        resolve_device("gpu")

@@ -21,10 +21,12 @@ from medtune.errors import ConfigError
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-       le: float | None = None, lt: float | None = None) -> Any:
-    """A config field with help text and, for numbers, the bounds a value must respect."""
-    meta = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le),
-                                                       ("lt", lt)) if v is not None}}
+       le: float | None = None, lt: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """A config field with help text and, for numbers, the bounds a value must respect; for
+    a string with a fixed set of values, those ``choices``."""
+    meta = {"help": help, "choices": choices,
+            "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                       if v is not None}}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -47,7 +49,8 @@ def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
 
 @dataclass
 class DataConfig:
-    task: str = _f("protocol", "Task family: 'protocol' (text -> label) or 'mcqa' (multiple choice).")
+    task: str = _f("protocol", "Task family: 'protocol' (text -> label) or 'mcqa' (multiple choice).",
+                   choices=("protocol", "mcqa"))
     text_column: str | None = _f(None, "Text column; detected among common names when unset.")
     label_column: str | None = _f(None, "Label column; detected among common names when unset.")
     min_count: int = _f(50, "Drop labels with fewer examples than this before splitting.", ge=0)
@@ -61,12 +64,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base: str = _f("embedded", "Base model: 'embedded', a local HF directory, or a hub id.")
-    quantization: str = _f("nf4", "Base weights: 'nf4' (4-bit NF4 + double quant), '8bit' or 'none'.")
+    quantization: str = _f("nf4", "Base weights: 'nf4' (4-bit NF4 + double quant), '8bit' or 'none'.",
+                           choices=("nf4", "8bit", "none"))
     compute_dtype: str = _f("auto", "'auto' (fp32 on CPU, bf16 on Ampere+, fp16 on older GPUs), "
-                                    "'float32', 'bfloat16' or 'float16'.")
+                                    "'float32', 'bfloat16' or 'float16'.",
+                            choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
     device: str = _f("auto", "'auto', 'cpu' or 'cuda'.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    template: str = _f("auto", "Prompt template: 'auto' (the base's chat template if it has one), 'chat' or 'plain'.")
+    template: str = _f("auto", "Prompt template: 'auto' (the base's chat template if it has one), 'chat' or 'plain'.",
+                       choices=("auto", "chat", "plain"))
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager').")
 
 
@@ -92,12 +98,15 @@ class TrainConfig:
     micro_batch_size: int = _f(0, "Examples per forward pass; 0 = batch_size. Halved on OOM.", ge=0)
     lr: float = _f(2e-4, "Peak learning rate.", gt=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
-    scheduler: str = _f("cosine", "'cosine', 'linear' or 'constant' after warmup.")
+    scheduler: str = _f("cosine", "'cosine', 'linear' or 'constant' after warmup.",
+                        choices=("cosine", "linear", "constant"))
     warmup_steps: int = _f(10, "Linear warmup steps.", ge=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
     max_length: int = _f(256, "Truncate prompts so prompt + answer fit in this many tokens.", ge=16)
     group_by_length: bool = _f(True, "Batch examples of similar length to cut padding.")
-    optimizer: str = _f("auto", "'auto' (paged 8-bit AdamW on CUDA, AdamW on CPU), 'adamw', 'adamw8bit'.")
+    optimizer: str = _f("auto", "'auto' (paged 8-bit AdamW on CUDA, AdamW on CPU), 'adamw', "
+                                "'adamw8bit' or 'paged_adamw8bit'.",
+                        choices=("auto", "adamw", "adamw8bit", "paged_adamw8bit"))
     eval_every: int = _f(50, "Validate every N steps (0: only at the end).", ge=0)
     eval_samples: int = _f(200, "Validation examples used for loss and label accuracy (0: no validation).", ge=0)
     save_every: int = _f(50, "Write a checkpoint every N steps (0: only at the end).", ge=0)
@@ -110,7 +119,8 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    mode: str = _f("constrained", "'constrained' (score each label) or 'generate' (free text).")
+    mode: str = _f("constrained", "'constrained' (score each label) or 'generate' (free text).",
+                   choices=("constrained", "generate"))
     batch_size: int = _f(0, "Notes per batch; 0 = automatic.", ge=0)
     top_k: int = _f(3, "Alternatives reported per row.", ge=0)
     min_confidence: float = _f(0.0, "Abstain (flag for human review) below this label probability.", ge=0, le=1)
@@ -121,13 +131,15 @@ class PredictConfig:
     merge: str = _f("auto", "Merge a run's LoRA adapter (and dequantize its 4-/8-bit base) in memory "
                            "before predicting: same outputs up to float rounding, faster on CPU. "
                            "'auto' = on CPU when the merged weights fit in a quarter of free memory; "
-                           "'yes'; 'no' = keep base + adapter as trained.")
+                           "'yes'; 'no' = keep base + adapter as trained.",
+                    choices=("auto", "yes", "no"))
     merge_dtype: str = _f("auto", "Weights of the layers merged in memory (and, for a model "
                                  "without adapter such as a merged directory, of its linear layers "
                                  "unless merge='no'). 'auto' = bfloat16 for constrained scoring of "
                                  "a float32 model on a CPU with native bf16 matmul (AVX512-BF16 or "
                                  "AMX), else the model's dtype; activations between layers keep "
-                                 "the model's dtype. 'float32' or 'bfloat16' to force one.")
+                                 "the model's dtype. 'float32' or 'bfloat16' to force one.",
+                          choices=("auto", "float32", "bfloat16"))
 
 
 @dataclass
@@ -194,6 +206,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, dict | list):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads yes/no/on/off/true/false as booleans
+            return "yes" if value else "no"
         return str(value)
     return value
 
@@ -231,6 +245,9 @@ def _apply(obj: Any, key: str, value: Any) -> None:
     value = _coerce(value, hints[leaf], key)
     spec = next(f for f in dataclasses.fields(target) if f.name == leaf)
     _check_bounds(key, value, spec.metadata.get("bounds", {}))
+    choices = spec.metadata.get("choices") or ()
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: unknown '{value}' (choose from {', '.join(choices)})")
     setattr(target, leaf, value)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def resolve_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise MedtuneError(f"model.device: unknown '{name}' (auto, cpu, cuda, cuda:N)")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MedtuneError(f"model.device={name} but no CUDA device is available")
     return name

@@ -72,7 +72,7 @@ def barrier() -> None:
 
 def rank_share(indices: list[int], rank: int, world: int) -> list[int]:
     """This rank's contiguous slice of a global batch. Slice sizes differ by at most one, so an
-    uneven last batch (7 examples on 2 ranks: 4 + 3) loses nothing; a rank may get none."""
+    uneven batch (7 examples on 2 ranks: 3 + 4) loses nothing; a rank may get none."""
     n = len(indices)
     return indices[rank * n // world:(rank + 1) * n // world]
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medtune.errors import ConfigError
 from medtune.fsutil import read_json, write_json
 
 PROTOCOL_INSTRUCTION = "Assign the imaging protocol for this clinical note."
@@ -115,7 +116,7 @@ def default_template(task: str, tokenizer: Any, labels: list[str], kind: str = "
     if kind == "auto":
         kind = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if kind not in ("chat", "plain"):
-        raise ValueError(f"model.template: unknown '{kind}' (auto, chat, plain)")
+        raise ConfigError(f"model.template: unknown '{kind}' (auto, chat, plain)")
     instruction = MCQA_INSTRUCTION if task == "mcqa" else PROTOCOL_INSTRUCTION
     answer_prefix = "Answer: " if task == "mcqa" else ""
     return Template(task=task, kind=kind, instruction=instruction, answer_prefix=answer_prefix,
