@@ -28,9 +28,9 @@ from medtune.train import all_reduce_grads_, rank_share, train
 ROOT = Path(__file__).resolve().parents[1]
 HEAD, BODY = [TINY_NOTES[i] for i in (0, 1, 4, 5)], [TINY_NOTES[i] for i in (2, 3, 6, 7)]
 TOL = 1e-4
-# batch 4 over 2 ranks; every step is 2 + 2 except the last of the epoch:
-#   13 rows -> last batch of 1: rank 1 gets nothing that step (still joins every collective)
-#   15 rows -> last batch of 3: 2 + 1 (the old split dropped the third example)
+# batch 4 over 2 ranks; every step is 2 + 2 except the epoch's short batch:
+#   13 rows -> a batch of 1: rank 0 gets nothing that step (still joins every collective)
+#   15 rows -> a batch of 3: 1 + 2 (the old split dropped the third example)
 COMMON = ["model.device=cpu", "lora.r=8", "lora.dropout=0", "train.batch_size=4",
           "train.epochs=1", "train.lr=5e-3", "train.warmup_steps=0", "train.eval_every=2",
           "train.eval_samples=8", "train.log_every=1", "train.save_every=2",
@@ -41,6 +41,8 @@ COMMON = ["model.device=cpu", "lora.r=8", "lora.dropout=0", "train.batch_size=4"
 CASES = {"nf4": ("torchrun", 13, "nf4", ()), "none": ("accelerate-ddp", 15, "none", ()),
          "fsdp": ("accelerate-fsdp", 13, "nf4", ()),
          "fsdp-full": ("torchrun", 15, "none", ("lora.enabled=false", "train.fsdp=true"))}
+
+TRACKED = "none"  # the case launched with --track
 
 
 def _rows(n: int, prefix: str) -> pd.DataFrame:
@@ -56,7 +58,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(launcher: str, nproc: int, args: list[str], log: Path) -> subprocess.Popen:
+def _launch(launcher: str, nproc: int, args: list[str], log: Path,
+            tracking: Path | None = None) -> subprocess.Popen:
     port = str(_free_port())
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -68,8 +71,13 @@ def _launch(launcher: str, nproc: int, args: list[str], log: Path) -> subprocess
                "--main_process_port", port, "-m", "medtune", "train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+    if tracking is not None:  # --track: a private MLflow store, its artifacts next to it
+        cmd.append("--track")
+        env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tracking / 'mlruns.db'}",
+                   MLFLOW_EXPERIMENT_NAME="ddp")
     with open(log, "w") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                cwd=tracking or ROOT,
                                 start_new_session=True)  # a hung run is killed with its ranks
 
 
@@ -89,7 +97,8 @@ def runs(tiny_base, tmp_path_factory):
                          *[e for e in extra if not e.startswith("train.fsdp")]]
             multi, log = root / f"multi-{case}", root / f"{case}.log"
             procs[case] = _launch(launcher, 2, ["--data", str(data), "--val", str(val),
-                                                "--output", str(multi), *overrides, *extra], log)
+                                                "--output", str(multi), *overrides, *extra], log,
+                                  tracking=root if case == TRACKED else None)
             key = (n, quant, *overrides)
             if key not in singles:  # the one-process reference (fsdp shares nf4's)
                 singles[key] = train(load_config(None, overrides), str(data),
@@ -153,6 +162,19 @@ def test_two_processes_train_the_same_adapter_as_one(runs, case, tiny_base):
     assert moved > 100 * TOL  # the comparison below is not trivially true
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst < TOL, f"{case}: adapters differ by {worst}"
+
+
+def test_tracked_run_is_one_mlflow_run_from_rank0(runs):
+    from mlflow import MlflowClient
+
+    multi, _, _ = runs[TRACKED]
+    client = MlflowClient(tracking_uri=f"sqlite:///{multi.parent / 'mlruns.db'}")
+    found = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(found) == 1  # every rank used to start (and finish) a run of its own
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "4"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("case", list(CASES))

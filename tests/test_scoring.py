@@ -86,3 +86,15 @@ def test_prefix_memo_runs_each_prefix_once_and_changes_nothing(tiny_base_factory
     # the memo's caches are untouched by the batches that used them
     again = score_tree(model, batches[0], LABELS, pad_id=0, prefix_memo=memo)
     torch.testing.assert_close(again, plain[0], atol=1e-5, rtol=0)
+
+
+def test_truncate_prompt_never_exceeds_its_limit():
+    from medtune.scoring import truncate_prompt
+
+    ids = list(range(100))
+    assert truncate_prompt(ids, None) == ids and truncate_prompt(ids, 100) == ids
+    assert truncate_prompt(ids, 40) == ids[:24] + ids[-16:]  # head, then the answer cue
+    for limit in range(1, 100):  # limits under the 16-token tail used to make it longer
+        cut = truncate_prompt(ids, limit)
+        assert len(cut) == limit and cut[0] == 0, limit
+        assert limit < 2 or cut[-1] == 99, limit

@@ -201,7 +201,8 @@ def train_cmd(
     if base:
         cfg.model.base = base
     callbacks = []
-    if track:
+    rank = int(os.environ.get("RANK", 0))
+    if track and rank == 0:  # one MLflow run per job: only rank 0 logs (and ends it)
         from medtune.registry import mlflow_callback
 
         callbacks.append(mlflow_callback(cfg, output))
@@ -215,7 +216,7 @@ def train_cmd(
 
     summ = read_summary(run)
     acc = summ.get("val_accuracy")
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank == 0:
         print(f"run saved to {run}" + (f" (val accuracy {acc:.3f})" if acc is not None else ""))
 
 

@@ -256,4 +256,6 @@ def truncate_prompt(ids: list[int], limit: int | None, keep_tail: int = 16) -> l
     (the template's answer cue)."""
     if limit is None or len(ids) <= limit:
         return ids
-    return ids[: limit - keep_tail] + ids[-keep_tail:]
+    limit = max(1, limit)
+    tail = min(keep_tail, limit // 2)  # a small limit keeps half head, half tail
+    return ids[:limit - tail] + ids[len(ids) - tail:]
