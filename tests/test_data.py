@@ -391,3 +391,21 @@ def test_a_json_object_as_text_is_refused_naming_the_place(tmp_path, suffix):
     path.write_text(json.dumps(rows) if suffix == ".json" else
                     "".join(json.dumps(r) + "\n" for r in rows))
     assert list(load_labeled(path)["label"]) == ["CT Chest", "CT Head"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_boolean_cells_read_alike_for_training_and_prediction(tmp_path, suffix):
+    """A true/false label cell is "true"/"false" in training (labels.json) and in the streamed
+    prediction input's gold column alike: predict's accuracy compares like with like."""
+    from medtune.predict_io import iter_records
+
+    rows = [{"text": f"note {i}", "label": i % 2 == 0} for i in range(6)]
+    path = tmp_path / f"flags{suffix}"
+    if suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained = list(load_labeled(path)["label"])
+    chunk = next(iter_records(path)[0])
+    assert trained == ["true", "false"] * 3
+    assert list(chunk.gold) == trained  # used to be "True"/"False"

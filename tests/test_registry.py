@@ -178,3 +178,11 @@ def test_resolve_errors(store):
         resolve_model_uri("models:/only-a-name")
     with pytest.raises(MedtuneError, match="not found in the registry"):
         resolve_model_uri("models:/missing@champion")
+
+
+def test_model_cache_dirs_are_distinct_for_distinct_names():
+    from medtune.registry import _safe
+
+    a, b = _safe("ct protocol"), _safe("ct_protocol")  # used to be both 'ct_protocol'
+    assert a != b and a.startswith("ct_protocol-") and b.startswith("ct_protocol-")
+    assert _safe("a/b") == _safe("a/b") and "/" not in _safe("a/b")

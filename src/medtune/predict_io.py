@@ -46,14 +46,16 @@ def _parser_error(message: str) -> str:
 
 
 def _cell(value: Any, where: str) -> str:
-    if value is None:
-        return ""
+    """A cell as text, by ``medtune.data``'s rules (a JSON/Parquet true reads "true", as the
+    labels a model was trained on did)."""
+    from medtune.data import _as_str
+
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
             raise DataError(f"{where}: not valid UTF-8") from None
-    return value if isinstance(value, str) else str(value)
+    return _as_str(value)
 
 
 def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | None]:
@@ -146,9 +148,7 @@ def _records_frame(items: list[dict[str, Any]], places: list[str]) -> pd.DataFra
     columns: dict[str, None] = {}
     for item in items:
         columns.update(dict.fromkeys(item))
-    df = pd.DataFrame({c: [_cell(it.get(c), c) if not isinstance(it.get(c), dict | list)
-                           else json.dumps(it.get(c)) for it in items] for c in columns},
-                      dtype=str)
+    df = pd.DataFrame({c: [_cell(it.get(c), c) for it in items] for c in columns}, dtype=str)
     df.attrs["nested"] = nested_places(items, places)
     return df
 

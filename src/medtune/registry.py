@@ -328,4 +328,7 @@ def resolve_model_uri(uri: str) -> str:
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    """A directory name for a registered model's name: readable, and distinct for distinct names
+    ('ct protocol' and 'ct_protocol' must not share a cache)."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
