@@ -252,14 +252,34 @@ def test_a_directory_that_is_no_model_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_ragged_csv_error_in_predict_matches_inspect(tmp_path):
-    """A row with too many fields: streaming prediction names the line in the words of
-    ``data inspect`` (not pandas' C-parser message), and names the file."""
+@pytest.mark.parametrize("body, expected", [
+    ("text,label\n" + "a note,CT Head\n" * 5 + "x,y,z,w\n", "data row 6 (line 7): expected 2 fields, got 4"),
+    ("text,label\na note,CT Head\n\nshort row\n", "data row 2 (line 4): expected 2 fields, got 1"),
+    ("text,label,label\na,b,c\n", "header: duplicate column name 'label'"),
+])
+def test_bad_csv_error_in_predict_matches_training(tmp_path, body, expected):
+    """Too many or too few fields, a duplicate header: streaming prediction refuses the file in
+    the words of ``data inspect`` / training, naming the file (a short row used to read as a
+    blank gold label)."""
+    from medtune.data import load_labeled
     from medtune.predict_io import iter_records
 
-    bad = tmp_path / "ragged.csv"
-    bad.write_text("text,label\n" + "a note,CT Head\n" * 5 + "x,y,z,w\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(body)
     with pytest.raises(DataError) as info:
-        chunks, _ = iter_records(bad)
+        chunks, _ = iter_records(bad, chunk_rows=2)
         list(chunks)
-    assert str(info.value) == f"{bad}: line 7: expected 2 fields, got 4"
+    assert str(info.value) == f"{bad}: {expected}"
+    with pytest.raises(DataError) as trained:
+        load_labeled(bad)
+    assert str(trained.value) == str(info.value)
+
+
+def test_csv_header_names_are_stripped_in_predict_as_in_training(tmp_path):
+    from medtune.predict_io import iter_records
+
+    path = tmp_path / "spaced.csv"
+    path.write_text("id, text , label\n1,a note,CT Head\n2,b note,L-Spine\n")
+    chunk = next(iter_records(path)[0])
+    assert chunk.texts == ["a note", "b note"] and chunk.gold == ["CT Head", "L-Spine"]
+    assert chunk.ids == ["1", "2"]

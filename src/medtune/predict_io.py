@@ -9,9 +9,9 @@ to one CSV or Parquet file (the caller gives a temporary path and renames it at 
 from __future__ import annotations
 
 import contextlib
+import csv
 import itertools
 import json
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +30,6 @@ class Chunk:
     ids: list[str]
     texts: list[str]
     gold: list[str] | None
-
-
-_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
-
-
-def _parser_error(message: str) -> str:
-    """pandas' CSV parser error in the words ``medtune data inspect`` uses for the same file."""
-    found = _FIELDS.search(message)
-    if found:
-        want, line, got = found.groups()
-        return f"line {line}: expected {want} fields, got {got}"
-    first = message.strip().splitlines()[0] if message.strip() else "no columns"
-    return f"malformed CSV ({first})"
 
 
 def _cell(value: Any, where: str) -> str:
@@ -96,18 +83,7 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
     if suffix in DELIMITED:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:
             sep = DELIMITED[suffix] or _sniff(fh.readline())
-
-        def delimited() -> Iterator[pd.DataFrame]:
-            try:
-                yield from pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
-                                       chunksize=rows, encoding="utf-8-sig")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
-            except pd.errors.EmptyDataError:
-                raise DataError(f"{path}: file is empty") from None
-            except pd.errors.ParserError as exc:
-                raise DataError(f"{path}: {_parser_error(str(exc))}") from None
-        return delimited(), None
+        return _delimited(path, sep, rows), None
     if suffix in JSON_LINES:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:
             head = fh.read(4096).lstrip()
@@ -116,6 +92,46 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
             return (df.iloc[i:i + rows] for i in range(0, len(df), rows)), len(df)
         return _json_lines(path, rows), None
     raise DataError(f"{path}: unknown file format '{suffix}'; supported: {SUPPORTED}")
+
+
+def _delimited(path: Path, sep: str, rows: int) -> Iterator[pd.DataFrame]:
+    """A delimited file in DataFrames of ``rows`` rows, by ``medtune.data``'s rules (header names
+    stripped and unique, every row as many fields as the header, blank lines skipped), read a
+    line at a time: memory stays bounded on big files."""
+    from medtune.data import _header
+
+    header: list[str] | None = None
+    batch: list[list[str]] = []
+    n = 0
+    old_limit = csv.field_size_limit()
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter=sep)
+            csv.field_size_limit(2**31 - 1)  # predict checks no field size; the CSV reader neither
+            for record in reader:
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue  # blank line
+                if header is None:
+                    header = _header(path, record)
+                    continue
+                n += 1
+                if len(record) != len(header):
+                    raise DataError(f"{path}: data row {n} (line {reader.line_num}): expected "
+                                    f"{len(header)} fields, got {len(record)}")
+                batch.append(record)
+                if len(batch) == rows:
+                    yield pd.DataFrame(batch, columns=header, dtype=str)
+                    batch = []
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    if header is None:
+        raise DataError(f"{path}: file is empty")
+    if batch:
+        yield pd.DataFrame(batch, columns=header, dtype=str)
 
 
 def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:
