@@ -187,6 +187,12 @@ def test_overwrite_replaces_the_report_and_failure_leaves_nothing(merged_dir, sp
         evaluate(str(broken), str(splits / "test.csv"), str(tmp_path / "new"), isolate=False,
                  similarity=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "r"]
+    for target in (broken, splits):  # the model itself; a folder holding the test data
+        kept = sorted(p.name for p in target.iterdir())
+        with pytest.raises(MedtuneError, match="is or contains the input"):
+            evaluate(str(broken), str(splits / "test.csv"), str(target), overwrite=True,
+                     isolate=False, similarity=False)
+        assert sorted(p.name for p in target.iterdir()) == kept
 
 
 def test_model_card_finds_the_data_card_from_another_directory(tmp_path, monkeypatch):

@@ -88,6 +88,11 @@ def test_merge_refuses_to_overwrite_and_rejects_unknown_dtype(qlora_run, tmp_pat
     assert (out / "keep.txt").read_text() == "x"
     with pytest.raises(MedtuneError, match="dtype"):
         merge(qlora_run, tmp_path / "other", dtype="float8")
+    before = sorted(p.name for p in qlora_run.iterdir())
+    for out in (qlora_run, qlora_run.parent):  # the run itself, a folder holding it
+        with pytest.raises(MedtuneError, match="is or contains the input"):
+            merge(qlora_run, out, overwrite=True)
+    assert sorted(p.name for p in qlora_run.iterdir()) == before
 
 
 def test_default_merge_uses_the_dequantized_weights_the_adapter_was_trained_on(qlora_run, tmp_path):

@@ -170,7 +170,7 @@ def ablate(data: str, output: str, *, val: str | None = None, test: str | None =
     texts, gold = list(test_df["text"]), list(test_df["label"])
     train_labels = sorted(set(load_labeled(data, task=task, drop_empty=True)["label"]))
     labels = ["A", "B", "C", "D"] if task == "mcqa" else train_labels
-    check_output_dir(output, overwrite)  # fail before any training
+    check_output_dir(output, overwrite, inputs=[data, val, test_path, cfg.model.base])  # before training
     device = resolve_device(cfg.model.device)
     full_lr = full_lr if full_lr is not None else cfg.train.lr * FULL_LR_FACTOR
     base_dir = _resolve_base(cfg, data, labels, progress)

@@ -295,7 +295,8 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     _check_baselines(baseline, train_path, task)
     df = load_labeled(data, task=task)
     texts, gold = list(df["text"]), list(df["label"])
-    check_output_dir(output, overwrite)  # fail before any model is loaded
+    # fail before any model is loaded; never replace what this command reads
+    check_output_dir(output, overwrite, inputs=[model, data, train_path, labels, *baseline])
     run = measure_isolated if isolate else measure
     main = run(model=model, texts=texts, labels=labels, task=task, cfg=cfg)
     preds = [r["prediction"] for r in main["rows"]]

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,17 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+def check_output_dir(path: str | Path, overwrite: bool = False,
+                     inputs: Iterable[str | Path | None] = ()) -> Path:
     """Refuse a non-empty existing output directory unless ``overwrite``; create nothing (for a
-    writer that builds the whole directory with ``atomic_dir``: a failure leaves no trace)."""
+    writer that builds the whole directory with ``atomic_dir``: a failure leaves no trace).
+    ``inputs``: files or directories the command reads; an output that is one of them or holds
+    one is refused even with ``overwrite`` (replacing it whole would delete the input)."""
     path = Path(path)
+    for item in inputs:
+        if item and Path(item).exists() and Path(item).resolve().is_relative_to(path.resolve()):
+            raise MedtuneError(f"{path}: output directory is or contains the input {item}; "
+                               "choose another output")
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{path}: exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not overwrite:

@@ -94,9 +94,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     if dtype not in DTYPES:
         raise MedtuneError(f"--dtype: unknown '{dtype}' (float32, bfloat16, float16)")
     torch_dtype = DTYPES[dtype]
-    if Path(output).resolve() == run_dir.resolve():
-        raise MedtuneError(f"{output}: output would replace the run directory being merged")
-    check_output_dir(output, overwrite)  # atomic_dir creates it
+    check_output_dir(output, overwrite, inputs=[run_dir, meta.get("base")])  # atomic_dir creates it
     t0 = time.time()
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     template = Template.load(run_dir)
