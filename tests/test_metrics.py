@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from medtune.errors import DataError
@@ -148,3 +149,16 @@ def test_latency_stats():
     with pytest.raises(DataError, match="row 1 is negative"):
         latency_stats([0.1, -0.2])
     assert not math.isnan(latency_stats([0.0])["p50_ms"])
+
+
+def test_missing_labels_of_every_kind_become_empty_strings():
+    import pandas as pd
+
+    from medtune.metrics import as_label_strings
+
+    values = [None, float("nan"), np.float32("nan"), pd.NA, pd.NaT, "CT Head", 3]
+    assert as_label_strings(values) == ["", "", "", "", "", "CT Head", "3"]
+    # a pd.NA gold label used to become the class '<NA>' and lower macro-F1
+    gold = pd.Series(["A", "B", None, "A"], dtype="string")
+    m = classification_metrics(list(gold), ["A", "B", "A", "A"], None, ["A", "B"])
+    assert "<NA>" not in m["per_class"]

@@ -23,14 +23,17 @@ COVERAGE_KEYS = {"0.8": 16, "0.9": 18, "1.0": 20}  # accuracy_at_coverage key ->
 
 
 def as_label_strings(values: Sequence[Any]) -> list[str]:
-    """Labels as strings; None / NaN (an empty CSV cell) becomes "" (never a valid label)."""
-    out = []
-    for v in values:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            out.append("")
-        else:
-            out.append(str(v))
-    return out
+    """Labels as strings; a missing value (an empty CSV cell: None, NaN of any float type,
+    pandas' NA or NaT) becomes "" (never a valid label)."""
+    return ["" if _missing(v) else str(v) for v in values]
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float | np.floating):
+        return math.isnan(value)
+    return type(value).__name__ in ("NAType", "NaTType")  # pandas' missing markers
 
 
 def _as_floats(values: Sequence[Any], field: str) -> np.ndarray:
