@@ -19,7 +19,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fine-tune causal LMs into medical classifiers with QLoRA.",
+    help="Fine-tune causal LMs into medical classifiers with QLoRA. Errors print one line; "
+    "add --debug anywhere for the traceback. MEDTUNE_CACHE sets the cache directory (embedded "
+    "bases, registry downloads; default ~/.cache/medtune).",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, split, scrub and synthesize data.")
 base_app = typer.Typer(no_args_is_help=True, help="The embedded tiny base model.")
@@ -104,7 +106,8 @@ def data_split(
     task: Task = "protocol",
     text_column: TextCol = None,
     label_column: LabelCol = None,
-    min_count: Annotated[int | None, typer.Option(help="Drop labels rarer than this (default 50).")] = None,
+    min_count: Annotated[int | None, typer.Option(
+        help="Protocol task: drop labels rarer than this (default: data.min_count, 50).")] = None,
     seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
     cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
     overwrite: Overwrite = False,
@@ -133,7 +136,7 @@ def data_synth(
     task: Task = "protocol",
     n: Annotated[int, typer.Option(help="Rows.")] = 2000,
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV/JSONL/Parquet file.")] = Path("synth.csv"),
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same rows).")] = 0,
     imbalance: Annotated[float, typer.Option(help="Zipf exponent of class sizes.")] = 1.0,
     label_noise: Annotated[float, typer.Option(help="Fraction of flipped labels.")] = 0.0,
     overwrite: Overwrite = False,
@@ -166,7 +169,7 @@ def base_build(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory (default: cache).")] = None,
     text_column: TextCol = None,
     steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 600,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     overwrite: Overwrite = False,
 ) -> None:
     """Build the embedded tiny base (BPE tokenizer + small Llama, pretrained on the notes)."""
@@ -397,14 +400,15 @@ def register_cmd(
 def serve_cmd(
     model: Annotated[str, typer.Option(help="Run/merged dir or models:/NAME@alias.")],
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Bearer token required on API routes.")
     ] = None,
-    max_body_bytes: int = 1_000_000,
-    max_note_chars: int = 20_000,
-    max_batch: int = 64,
-    max_concurrency: int = 8,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger: 413.")] = 1_000_000,
+    max_note_chars: Annotated[int, typer.Option(help="Longest note; longer: 422.")] = 20_000,
+    max_batch: Annotated[int, typer.Option(help="Most notes in one request; more: 422.")] = 64,
+    max_concurrency: Annotated[int, typer.Option(
+        help="Requests in flight at once; more get 429 with Retry-After.")] = 8,
 ) -> None:
     """HTTP API (POST /v1/predict, /healthz, /readyz, /v1/labels, /docs) and a web page at /."""
     from medtune.serve import serve

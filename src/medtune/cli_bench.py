@@ -14,8 +14,9 @@ bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side benchmarks (one
 
 @bench_app.command("train")
 def bench_train_cmd(
-    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/bench"),
-    steps: int = 20,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Writes bench_train.json and .md here.")
+                      ] = Path("runs/bench"),
+    steps: Annotated[int, typer.Option(help="Training steps per side (the first 2 not timed).")] = 20,
     vocab: Annotated[str, typer.Option(
         help="Comma list: embedded, or vocabulary sizes (e.g. 32000, 256000) of random copies "
              "of the embedded model; none.")] = "embedded,32000",
@@ -39,7 +40,8 @@ def bench_train_cmd(
 
 @bench_app.command("predict")
 def bench_predict_cmd(
-    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/bench"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Writes bench_predict.json and .md here.")
+                      ] = Path("runs/bench"),
     n: Annotated[int, typer.Option(help="Notes to predict.")] = 500,
     model: Annotated[str | None, typer.Option(help="Existing run/merged dir (default: a quick model).")] = None,
     data: Annotated[Path | None, typer.Option(help="Labelled notes (default: synthetic).")] = None,

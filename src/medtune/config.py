@@ -53,7 +53,8 @@ class DataConfig:
                    choices=("protocol", "mcqa"))
     text_column: str | None = _f(None, "Text column; detected among common names when unset.")
     label_column: str | None = _f(None, "Label column; detected among common names when unset.")
-    min_count: int = _f(50, "Drop labels with fewer examples than this before splitting.", ge=0)
+    min_count: int = _f(50, "Protocol task: drop labels with fewer examples than this before "
+                            "splitting (MCQA keeps all four letters).", ge=0)
     val_fraction: float = _f(0.1, "Fraction of rows for the validation split.", ge=0, lt=1)
     test_fraction: float = _f(0.1, "Fraction of rows for the test split.", ge=0, lt=1)
     seed: int = _f(0, "Seed for splitting and shuffling.")

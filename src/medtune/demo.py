@@ -8,13 +8,14 @@ command; this file only chains them and prints the before/after table.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from medtune.config import PredictConfig, load_config
+from medtune.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "protocol" / "demo.yaml"
 console = Console()
@@ -91,7 +92,8 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
 
     _step("6/7 predict the held-out test split")
     t = time.time()
-    pcfg = PredictConfig(min_confidence=0.5)
+    # the config's predict.* keys; abstain below 0.5 unless a threshold was set
+    pcfg = replace(cfg.predict, min_confidence=cfg.predict.min_confidence or 0.5)
     summ = predict_file(str(merged), str(out / "data" / "test.csv"), str(out / "predictions.csv"),
                         pcfg, overwrite=True)
     timings["predict"] = time.time() - t
@@ -103,7 +105,7 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
     # "before" = the base zero-shot
     metrics = evaluate(str(run), str(out / "data" / "test.csv"), str(out / "report"),
                        baseline=[str(base), "tfidf"], train_data=str(out / "data" / "train.csv"),
-                       cfg=PredictConfig(merge="no"), overwrite=True)
+                       cfg=replace(cfg.predict, merge="no"), overwrite=True)
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - t_all
     Console(width=max(console.width, 140)).print(_table(metrics["comparison"]))
