@@ -147,7 +147,7 @@ def test_merge_refuses_to_replace_its_own_run(run):
     from medtune.merge import merge
 
     before = snapshot(run)
-    with pytest.raises(MedtuneError, match="run directory"):
+    with pytest.raises(MedtuneError, match="is or contains the input"):
         merge(run, run, overwrite=True)
     assert snapshot(run) == before
 

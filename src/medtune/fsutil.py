@@ -1,6 +1,8 @@
 """Crash-safe file writing: everything medtune writes goes to a temporary name and is renamed.
 
 A reader therefore sees either the old file or the complete new one, never a half-written file.
+The new data is flushed to disk (fsync) before the rename and the rename itself after it, so a
+power loss cannot leave a renamed but empty file either.
 """
 
 from __future__ import annotations
@@ -28,10 +30,30 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; artifacts are ordinary files
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk; a no-op where the platform
+    cannot open a directory."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
 
 
 @contextlib.contextmanager
@@ -46,6 +68,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o755)
     try:
         yield tmp
+        _fsync_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -55,6 +78,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

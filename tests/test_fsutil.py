@@ -1,0 +1,79 @@
+"""Crash-safe writing: the old content or the complete new one, flushed to disk before the rename."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from medtune.errors import MedtuneError
+from medtune.fsutil import atomic_dir, atomic_file, check_output_dir
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Names of what was fsynced, in order; a rename is recorded as 'rename'."""
+    events: list[str] = []
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+    names: dict[int, str] = {}
+
+    def fake_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        names[fd] = os.path.basename(str(path))
+        return fd
+
+    def fake_fsync(fd):
+        events.append(names.get(fd, "?"))
+        real_fsync(fd)
+
+    def fake_replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "fsync", fake_fsync)
+    monkeypatch.setattr(os, "replace", fake_replace)
+    return events
+
+
+def test_atomic_file_flushes_before_the_rename(tmp_path, monkeypatch):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    events = _record_fsyncs(monkeypatch)
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert events[-2] == "rename" and events[-1] == tmp_path.name  # then the folder's entry
+    assert events[0].startswith(".out.json.") and events.index("rename") == 1
+
+
+def test_failed_block_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_atomic_dir_flushes_every_file_before_replacing(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "old.bin").write_bytes(b"old")
+    events = _record_fsyncs(monkeypatch)
+    with atomic_dir(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"b")
+    assert sorted(p.name for p in target.iterdir()) == ["a.bin", "sub"]
+    first_rename = events.index("rename")
+    assert {"a.bin", "b.bin", "sub"} <= set(events[:first_rename])
+
+
+def test_output_that_holds_an_input_is_refused_even_with_overwrite(tmp_path):
+    data = tmp_path / "work" / "train.csv"
+    data.parent.mkdir()
+    data.write_text("text,label\n")
+    for out in (tmp_path / "work", tmp_path):
+        with pytest.raises(MedtuneError, match="is or contains the input"):
+            check_output_dir(out, overwrite=True, inputs=[data])
+    check_output_dir(tmp_path / "elsewhere", inputs=[data, None, "tfidf"])  # absent names pass
