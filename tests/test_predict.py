@@ -283,3 +283,14 @@ def test_csv_header_names_are_stripped_in_predict_as_in_training(tmp_path):
     chunk = next(iter_records(path)[0])
     assert chunk.texts == ["a note", "b note"] and chunk.gold == ["CT Head", "L-Spine"]
     assert chunk.ids == ["1", "2"]
+
+
+def test_a_labels_file_listing_a_label_twice_is_refused(tmp_path):
+    from medtune.model import load_labels
+
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"labels": ["CT Head", "L-Spine", "CT Head"]}))
+    with pytest.raises(MedtuneError, match=r"label 3 'CT Head' is listed twice"):
+        load_labels(path)
+    path.write_text(json.dumps(["CT Head", "L-Spine"]))
+    assert load_labels(tmp_path) == ["CT Head", "L-Spine"]

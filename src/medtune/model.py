@@ -203,6 +203,11 @@ def load_labels(path: str | Path) -> list[str]:
     labels = data["labels"] if isinstance(data, dict) else data
     if not labels or not all(isinstance(x, str) and x for x in labels):
         raise MedtuneError(f"{p}: 'labels' must be a non-empty list of strings")
+    seen: set[str] = set()
+    for i, label in enumerate(labels):
+        if label in seen:  # two entries would split one label's probability between them
+            raise MedtuneError(f"{p}: label {i + 1} '{label[:60]}' is listed twice")
+        seen.add(label)
     return list(labels)
 
 
