@@ -37,3 +37,21 @@ def test_batch_prompt_ids_equal_one_call_per_note(tiny_tokenizer, kind):
              "low back pain, 6 weeks", f"{tok.bos_token}{tok.pad_token}", "héadache – ünïcode"]
     assert tpl.prompts_ids(tok, texts) == [tpl.prompt_ids(tok, t) for t in texts]
     assert tpl.prompts_ids(tok, []) == []
+
+
+@pytest.mark.parametrize("kind", ["chat", "plain"])
+def test_mcqa_choice_context_keeps_special_strings_as_text(tiny_tokenizer, kind):
+    """Multiple-choice scoring builds its context like prompt_ids: a question holding "</s>"
+    gets no control token from it, and an ordinary question's context is unchanged."""
+    from medtune.tasks.mcqa import LETTERS, choice_ids
+
+    tok = tiny_tokenizer
+    tpl = default_template("mcqa", tok, LETTERS, kind)
+    controls = {tok.eos_token_id, tok.bos_token_id, tok.pad_token_id}
+    plain_q = "Which nerve? A. ulnar B. radial C. median D. axillary"
+    clean, clean_conts = choice_ids(tok, tpl, plain_q, LETTERS)
+    hostile, conts = choice_ids(tok, tpl, plain_q.replace("?", f"? {tok.eos_token}"), LETTERS)
+    assert sum(i in controls for i in hostile) == sum(i in controls for i in clean)
+    assert conts == clean_conts  # the answer tokens do not depend on the question
+    prompt = tpl.prompt_ids(tok, plain_q)  # ordinary text: context = the prompt up to the cue
+    assert prompt[:len(clean)] == clean or clean[:len(prompt)] == prompt

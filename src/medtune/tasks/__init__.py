@@ -16,6 +16,11 @@ from medtune.fsutil import read_json, write_json
 
 PROTOCOL_INSTRUCTION = "Assign the imaging protocol for this clinical note."
 _NOTE_SLOT = "\u2063medtune-note-slot\u2063"  # stands in for the note while the template renders
+
+
+def _tok(tokenizer: Any, text: str, split: bool = False) -> list[int]:
+    """Token ids of ``text``; ``split``: special tokens' strings as plain text."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])
 MCQA_INSTRUCTION = "Answer the multiple-choice medical question with the letter of the correct option."
 
 
@@ -62,20 +67,20 @@ class Template:
         plain text, never as the control token: the template's own markup is tokenized as
         usual, the note with ``split_special_tokens``. Notes without such strings are tokenized
         as one string, exactly as before."""
+        head, tail = self.escaped_head(tokenizer, text)
+        return self._with_bos(tokenizer, head + _tok(tokenizer, tail))
+
+    def escaped_head(self, tokenizer: Any, text: str) -> tuple[list[int], str]:
+        """(ids, rest): for a note holding a special token's string, the ids of the template up
+        to and including the note (the note as plain text) and the template's text after it;
+        for any other note ([], the whole prompt text), to be tokenized as one string."""
         specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-        parts = None
         if any(t in text for t in specials):
             rendered = self.prompt_text(tokenizer, _NOTE_SLOT)
             if rendered.count(_NOTE_SLOT) == 1:
-                parts = rendered.split(_NOTE_SLOT)
-        if parts is None:
-            ids = tokenizer(self.prompt_text(tokenizer, text), add_special_tokens=False)["input_ids"]
-        else:
-            def tok(s: str, split: bool = False) -> list[int]:
-                return list(tokenizer(s, add_special_tokens=False, split_special_tokens=split)["input_ids"])
-
-            ids = tok(parts[0]) + tok(text, split=True) + tok(parts[1])
-        return self._with_bos(tokenizer, ids)
+                before, after = rendered.split(_NOTE_SLOT)
+                return _tok(tokenizer, before) + _tok(tokenizer, text, split=True), after
+        return [], self.prompt_text(tokenizer, text)
 
     def _with_bos(self, tokenizer: Any, ids: Sequence[int]) -> list[int]:
         """The plain template starts with the tokenizer's BOS (a chat template has its own)."""

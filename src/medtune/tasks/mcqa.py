@@ -31,13 +31,16 @@ def choice_ids(tokenizer: Any, template: Any, text: str,
     choice; context + choice is encoded as ONE string and the choice's ids are what follows the
     context's token count (so "Answer: A" may end in one " A" token). The plain template's BOS
     is prepended as ``Template.prompt_ids`` does. Leading ids common to every choice join the
-    context (the same constant for every choice: argmax and softmax are unchanged)."""
-    prompt = template.prompt_text(tokenizer, text)
+    context (the same constant for every choice: argmax and softmax are unchanged). A question
+    holding a special token's string ("</s>") gets it as plain text, as in ``prompt_ids``: the
+    rule then applies to the template's text after the question."""
+    head, prompt = template.escaped_head(tokenizer, text)
     context = prompt.rstrip()
     moved = prompt[len(context):]
-    ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"])
-    conts = [list(tokenizer(context + moved + c, add_special_tokens=False)["input_ids"])[len(ctx):]
+    tail = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    conts = [list(tokenizer(context + moved + c, add_special_tokens=False)["input_ids"])[len(tail):]
              for c in choices]
+    ctx = head + tail
     shared = 0
     while (all(len(c) > shared + 1 for c in conts)
            and len({c[shared] for c in conts}) == 1):
