@@ -24,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/medtune demo --output $(DEMO)
+	$(BIN)/medtune demo --output $(DEMO) --overwrite
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

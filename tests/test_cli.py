@@ -67,6 +67,13 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_base, tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no complete checkpoint" in last
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()  # nothing written: a plain train can follow
+    taken = tmp_path / "file"
+    taken.write_text("x")
+    out = medtune("data", "synth", "--n", "5", "-o", str(taken / "x.csv"))  # parent is a file
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {taken}: "), lines
 
 
 def test_train_in_a_log_prints_plain_progress_and_no_library_bars(tiny_base, tmp_path):

@@ -32,3 +32,14 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     for row in result["metrics"]["comparison"][:2]:
         missing = [k for k, _ in COLUMNS if row.get(k) is None]
         assert not missing, (row["model"], missing)
+
+
+def test_demo_refuses_a_non_empty_output_without_overwrite(tmp_path):
+    from medtune.errors import MedtuneError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.csv").write_text("text,label\nkeep me,CT Head\n")
+    with pytest.raises(MedtuneError, match="not empty"):
+        run_demo(out, n=10)
+    assert (out / "notes.csv").read_text() == "text,label\nkeep me,CT Head\n"

@@ -287,11 +287,23 @@ def test_overwrite_starts_a_clean_run(tiny_base, two_label_data, tmp_path):
     with pytest.raises(MedtuneError, match="not empty"):
         train(cfg, two_label_data, run, val=two_label_data, progress=False)
     cfg.train.max_steps = 2
+    (run / "model.safetensors").write_bytes(b"a previous full fine-tune's weights")
     train(cfg, two_label_data, run, val=two_label_data, progress=False, overwrite=True)
+    assert not (run / "model.safetensors").exists()  # nothing of the old run is left
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2]  # two train rows and the final validation, no stale rows
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001",
                                                                       "step-0000002"]
+    inside = run / "train.csv"  # --overwrite never deletes the data it trains on
+    inside.write_text(Path(two_label_data).read_text())
+    with pytest.raises(MedtuneError, match="is or contains the input"):
+        train(cfg, str(inside), run, val=two_label_data, progress=False, overwrite=True)
+    assert inside.is_file()
+    changed = tmp_path / "other.csv"  # resuming on data with another label set is refused
+    df = pd.read_csv(two_label_data)
+    df.assign(label=[f"new {lab}" for lab in df["label"]]).to_csv(changed, index=False)
+    with pytest.raises(MedtuneError, match=r"labels differ from the run's labels\.json"):
+        train(cfg, str(changed), run, val=two_label_data, progress=False, resume=True)
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:

@@ -353,11 +353,12 @@ def demo_cmd(
     n: Annotated[int, typer.Option(help="Synthetic notes to generate.")] = 10000,
     config: ConfigOpt = None,
     overrides: Overrides = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """The whole job on the embedded default: synth -> split -> base -> train -> merge -> predict -> report."""
     from medtune.demo import run_demo
 
-    run_demo(output, n=n, config=config, overrides=overrides)
+    run_demo(output, n=n, config=config, overrides=overrides, overwrite=overwrite)
 
 
 @app.command("ablate")
@@ -441,6 +442,12 @@ def main() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # an unwritable or invalid path: one line naming it
+        if debug or exc.strerror is None:
+            raise
+        where = exc.filename if exc.filename is not None else "?"
+        print(f"error: {where}: {exc.strerror}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

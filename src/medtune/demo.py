@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medtune.config import load_config
+from medtune.fsutil import prepare_output_dir
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "protocol" / "demo.yaml"
 console = Console()
@@ -42,7 +43,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 
 def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
              config: str | Path | None = None, overrides: list[str] | None = None,
-             base_spec: Any = None) -> dict[str, Any]:
+             base_spec: Any = None, overwrite: bool = False) -> dict[str, Any]:
     from medtune.base import build_base
     from medtune.data import load_labeled, split_data
     from medtune.evaluate import evaluate
@@ -52,8 +53,8 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
     from medtune.train import read_summary, train
 
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config or CONFIG, overrides)
+    prepare_output_dir(out, overwrite)  # a previous demo's (or anyone's) files need --overwrite
     timings: dict[str, float] = {}
     t_all = time.time()
 

@@ -99,14 +99,14 @@ def _split_val(df, cfg: Config):
 
 
 def _fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory. With --overwrite, a previous run's metrics (appended to) and
-    checkpoints (picked by --resume) must not leak into this one."""
+    """Create the run directory. With --overwrite it is emptied: nothing of a previous run
+    (metrics appended to, checkpoints picked by --resume, a full fine-tune's weights next to a new
+    adapter) may leak into this one. ``setup`` has refused an output holding the inputs."""
     prepare_output_dir(run_dir, overwrite)
-    for stale in ("metrics.jsonl", "medtune.json", "loss.png", "checkpoints", "adapter"):
-        path = run_dir / stale
-        if path.is_dir():
+    for path in run_dir.iterdir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        else:
             path.unlink()
 
 
@@ -117,7 +117,9 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     rank, world = init_distributed(device)
     run_dir = Path(output)
     if rank == 0 and not resume:  # refused before any work; created once the inputs have loaded
-        check_output_dir(run_dir, overwrite)
+        check_output_dir(run_dir, overwrite, inputs=[data, val, cfg.model.base])
+    if resume and not ckpt.complete_checkpoints(run_dir):  # before loading anything
+        raise MedtuneError(f"{run_dir}: --resume given but no complete checkpoint found")
     train_df = _load_split(data, cfg)
     if val:
         val_df = _load_split(val, cfg)
@@ -131,6 +133,11 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     labels = sorted(set(train_df["label"]))
     if cfg.data.task == "mcqa":
         labels = ["A", "B", "C", "D"]
+    if resume and (run_dir / "labels.json").is_file():
+        started = read_json(run_dir / "labels.json").get("labels")
+        if started != labels:  # the adapter was trained on another label set
+            raise MedtuneError(f"{data}: its labels differ from the run's labels.json ({len(labels)} "
+                               f"vs {len(started or [])}); --resume needs the data the run started with")
     unseen = sorted(set(val_df["label"]) - set(labels))
     if unseen:
         from medtune.data import shown  # a label column holding notes must not print them
