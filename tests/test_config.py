@@ -114,6 +114,8 @@ def test_every_field_has_help():
     ("predict.min_confidence=7", "predict.min_confidence: must be >= 0 and <= 1, got 7"),
     ("train.lr=nan", "train.lr: must be a finite number, got nan"),
     ("train.max_length=8", "train.max_length: must be >= 16, got 8"),
+    ("data.seed=-1", "data.seed: must be >= 0 and <= 4294967295, got -1"),
+    ("train.seed=-1", "train.seed: must be >= 0 and <= 4294967295, got -1"),
 ])
 def test_out_of_range_values_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as info:

@@ -413,3 +413,11 @@ def test_bad_input_leaves_no_run_dir_behind(tiny_base, two_label_data, tmp_path)
     cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=1",
                    "train.eval_samples=2")
     assert train(cfg, two_label_data, run, val=two_label_data, progress=False) == run
+
+
+def test_unknown_lora_target_module_is_one_line_error(tiny_base, two_label_data, tmp_path):
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "lora.target_modules=foo_proj")
+    with pytest.raises(MedtuneError, match=r"^lora\.target_modules=") as info:
+        train(cfg, two_label_data, tmp_path / "run", progress=False)
+    assert "\n" not in str(info.value) and "foo_proj" in str(info.value)
+    assert not (tmp_path / "run").exists()

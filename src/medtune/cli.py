@@ -113,7 +113,7 @@ def data_split(
     overwrite: Overwrite = False,
 ) -> None:
     """Clean, dedup, filter rare labels and split into train/val/test (leakage-free)."""
-    from medtune.config import load_config
+    from medtune.config import load_config, set_key
     from medtune.data import split_data
 
     cfg = load_config(config, overrides)
@@ -125,7 +125,7 @@ def data_split(
         ("seed", seed),
     ):
         if value is not None:
-            setattr(cfg.data, key, value)
+            set_key(cfg, f"data.{key}", value)  # checked like data.{key}=... (e.g. seed >= 0)
     card = split_data(file, output, cfg.data, overwrite=overwrite, cop_base=cop_base)
     sizes = card.get("splits", card.get("split_sizes", {}))
     print(f"wrote {output}: {sizes}; labels kept: {len(card.get('labels_kept', card.get('labels', [])))}")

@@ -36,6 +36,10 @@ _BOUND_TEXT = {"ge": (">=", float.__ge__), "gt": (">", float.__gt__), "le": ("<=
                "lt": ("<", float.__lt__)}
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
     """One line naming the key when a number is out of its field's bounds."""
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -43,7 +47,7 @@ def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
     if not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value}")
     if not all(_BOUND_TEXT[k][1](float(value), float(limit)) for k, limit in bounds.items()):
-        rule = " and ".join(f"{_BOUND_TEXT[k][0]} {bounds[k]:g}" for k in bounds)
+        rule = " and ".join(f"{_BOUND_TEXT[k][0]} {_number(bounds[k])}" for k in bounds)
         raise ConfigError(f"{key}: must be {rule}, got {value:g}")
 
 
@@ -57,7 +61,7 @@ class DataConfig:
                             "splitting (MCQA keeps all four letters).", ge=0)
     val_fraction: float = _f(0.1, "Fraction of rows for the validation split.", ge=0, lt=1)
     test_fraction: float = _f(0.1, "Fraction of rows for the test split.", ge=0, lt=1)
-    seed: int = _f(0, "Seed for splitting and shuffling.")
+    seed: int = _f(0, "Seed for splitting and shuffling.", ge=0, le=2**32 - 1)
     max_field_bytes: int = _f(1_000_000, "Reject any field larger than this many bytes.", ge=1)
     scrub_phi: bool = _f(False, "Replace PHI in notes with typed placeholders before training.")
 
@@ -113,7 +117,7 @@ class TrainConfig:
     save_every: int = _f(50, "Write a checkpoint every N steps (0: only at the end).", ge=0)
     keep_checkpoints: int = _f(2, "Keep the newest K complete checkpoints.", ge=1)
     log_every: int = _f(5, "Append to metrics.jsonl every N steps.", ge=1)
-    seed: int = _f(0, "Seed for initialisation, dropout and data order.")
+    seed: int = _f(0, "Seed for initialisation, dropout and data order.", ge=0, le=2**32 - 1)
     fsdp: bool = _f(False, "Shard weights, LoRA and optimizer state over processes (FSDP2, one unit per "
                            "decoder layer); needs torchrun / accelerate launch. See docs/DISTRIBUTED.md.")
 
@@ -211,6 +215,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return "yes" if value else "no"
         return str(value)
     return value
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set dotted ``key`` with the same coercion and checks as a file or override value (for
+    CLI options that map to config keys)."""
+    _apply(cfg, key, value)
 
 
 def _apply(obj: Any, key: str, value: Any) -> None:

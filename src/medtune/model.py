@@ -173,7 +173,13 @@ def attach_lora(model, lora: LoraConfig, *, quantized: bool, upcast_frozen: bool
         target_modules=targets,
         use_rslora=lora.rslora, use_dora=lora.dora, task_type="CAUSAL_LM", bias="none",
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:  # peft's "Target modules {...} not found in the base model"
+        if "target" not in str(exc).lower():
+            raise
+        raise MedtuneError(f"lora.target_modules={lora.target_modules}: "
+                           f"{str(exc).splitlines()[0][:300]}") from None
 
 
 @dataclass
