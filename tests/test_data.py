@@ -409,3 +409,24 @@ def test_boolean_cells_read_alike_for_training_and_prediction(tmp_path, suffix):
     chunk = next(iter_records(path)[0])
     assert trained == ["true", "false"] * 3
     assert list(chunk.gold) == trained  # used to be "True"/"False"
+
+
+def test_missing_column_errors_name_options_that_exist(tmp_path):
+    path = tmp_path / "q.csv"
+    pd.DataFrame({"stem": ["a?"], "opa": ["x"], "opb": ["y"], "opc": ["z"], "opd": ["w"],
+                  "cop": [0]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"no question column .*; set --text-column$"):
+        load_labeled(path, task="mcqa")
+    with pytest.raises(DataError, match=r"no opd column .*; name the column 'opd'$"):
+        load_labeled(_without(path, "opd"), task="mcqa", text_column="stem")
+    blank = tmp_path / "blank.csv"
+    blank.write_text("text,label\n,CT Head\n")
+    with pytest.raises(DataError, match=r"empty text \(fill or remove such rows"):
+        load_labeled(blank)
+
+
+def _without(path, column):
+    df = pd.read_csv(path).drop(columns=[column])
+    out = path.with_name(f"no-{column}.csv")
+    df.to_csv(out, index=False)
+    return out

@@ -323,8 +323,10 @@ def _find_column(df: pd.DataFrame, path: str | Path, role: str, explicit: str | 
         if name in by_lower:
             return by_lower[name]
     if required:
+        hint = {"text": "set --text-column", "question": "set --text-column",
+                "label": "set --label-column"}.get(role, f"name the column '{role}'")
         raise DataError(f"{path}: no {role} column (looked for {', '.join(candidates)}); "
-                        f"available columns: {_available(df)}; set --{role}-column")
+                        f"available columns: {_available(df)}; {hint}")
     return None
 
 
@@ -383,7 +385,7 @@ def _handle_empty(out: pd.DataFrame, path: str | Path, checks: dict[str, str],
         if empty.any() and not drop_empty:
             raise DataError(f"{path}: row {empty.nonzero()[0][0] + 1}, column '{source}': empty "
                             f"{'text' if column in ('text', 'question') else column} "
-                            "(pass drop_empty to skip such rows)")
+                            "(fill or remove such rows; `medtune data split` drops them)")
         by_column[source] = int((empty & keep.to_numpy()).sum())
         keep &= ~empty
     result = out[keep.to_numpy()].reset_index(drop=True)
