@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import TINY_NOTES
@@ -90,3 +91,10 @@ def test_train_in_a_log_prints_plain_progress_and_no_library_bars(tiny_base, tmp
     progress = [line for line in out.stderr.splitlines() if line.startswith("train ")]
     assert progress and progress[-1].startswith("train 3/3 loss=")
     assert not any(note[:20] in out.stderr + out.stdout for note in TINY_NOTES[:16])
+
+
+@pytest.mark.parametrize("option, value", [("--port", "99999"), ("--max-batch", "0"),
+                                           ("--max-concurrency", "0")])
+def test_serve_refuses_impossible_limits_before_starting(tmp_path, option, value):
+    out = medtune("serve", "--model", str(tmp_path), option, value)
+    assert out.returncode == 2 and option in out.stderr and "Traceback" not in out.stderr

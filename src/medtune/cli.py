@@ -401,15 +401,15 @@ def register_cmd(
 def serve_cmd(
     model: Annotated[str, typer.Option(help="Run/merged dir or models:/NAME@alias.")],
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     api_key: Annotated[
         str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Bearer token required on API routes.")
     ] = None,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger: 413.")] = 1_000_000,
-    max_note_chars: Annotated[int, typer.Option(help="Longest note; longer: 422.")] = 20_000,
-    max_batch: Annotated[int, typer.Option(help="Most notes in one request; more: 422.")] = 64,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger: 413.", min=1)] = 1_000_000,
+    max_note_chars: Annotated[int, typer.Option(help="Longest note; longer: 422.", min=1)] = 20_000,
+    max_batch: Annotated[int, typer.Option(help="Most notes in one request; more: 422.", min=1)] = 64,
     max_concurrency: Annotated[int, typer.Option(
-        help="Requests in flight at once; more get 429 with Retry-After.")] = 8,
+        help="Requests in flight at once; more get 429 with Retry-After.", min=1)] = 8,
 ) -> None:
     """HTTP API (POST /v1/predict, /healthz, /readyz, /v1/labels, /docs) and a web page at /."""
     from medtune.serve import serve
