@@ -186,3 +186,16 @@ def test_model_cache_dirs_are_distinct_for_distinct_names():
     a, b = _safe("ct protocol"), _safe("ct_protocol")  # used to be both 'ct_protocol'
     assert a != b and a.startswith("ct_protocol-") and b.startswith("ct_protocol-")
     assert _safe("a/b") == _safe("a/b") and "/" not in _safe("a/b")
+
+
+@pytest.mark.parametrize("name, alias, message", [
+    ("bad/name", "champion", "--name 'bad/name'"), ("", "champion", "--name ''"),
+    ("protocol", "", "--alias ''"), ("protocol", "latest", "--alias 'latest'"),
+    ("protocol", "v2", "--alias 'v2'"), ("protocol", "two words", "--alias 'two words'"),
+])
+def test_register_refuses_bad_names_before_logging_anything(tmp_path, name, alias, message):
+    from medtune.registry import register
+
+    with pytest.raises(MedtuneError) as info:  # no store touched: the check comes first
+        register(tmp_path / "nowhere", name, alias)
+    assert str(info.value).startswith(message)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -242,11 +243,23 @@ def _requirements() -> list[str]:
     return reqs
 
 
+def _check_name_and_alias(name: str, alias: str) -> None:
+    """Names that work in a ``models:/NAME@alias`` URI, aliases MLflow accepts."""
+    if not name or name != name.strip() or any(c in name for c in "/:@"):
+        raise MedtuneError(f"--name '{name}': a model name must be non-empty, without surrounding "
+                           "spaces and without '/', ':' or '@' (it goes into models:/NAME@alias)")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", alias or "") or alias == "latest" \
+            or re.fullmatch(r"[vV]\d+", alias):
+        raise MedtuneError(f"--alias '{alias}': use letters, digits, '_' or '-' (not 'latest' "
+                           "or a version such as 'v2')")
+
+
 def register(run_dir: str | Path, name: str, alias: str = "champion") -> dict[str, Any]:
     """Log ``run_dir`` (a run or merged model directory) as a pyfunc model, register it as
     ``name`` and point ``alias`` at the new version."""
     from mlflow.models import infer_signature
 
+    _check_name_and_alias(name, alias)  # before anything is logged
     model_dir = Path(run_dir)
     if not (model_dir / "labels.json").is_file() or not (model_dir / "template.json").is_file():
         raise MedtuneError(f"{model_dir}: not a medtune run or merged model directory "
