@@ -430,3 +430,16 @@ def _without(path, column):
     out = path.with_name(f"no-{column}.csv")
     df.to_csv(out, index=False)
     return out
+
+
+def test_inspect_with_swapped_columns_prints_no_note_as_a_label(tmp_path, capsys):
+    note = "Invented 54 yo with left flank pain and hematuria since Tuesday, assess for stones"
+    df = pd.DataFrame({"text": ["CT Urography", "MRI Brain with and without contrast"] * 3,
+                       "label": [note, note.replace("54", "61")] * 3})
+    path = notes_csv(tmp_path, df)
+    render_inspect(inspect_data(path))
+    printed = capsys.readouterr().out
+    assert "hematuria" not in printed and "characters, not shown" in printed
+    df = df.rename(columns={"text": "label", "label": "text"})  # the right way round
+    render_inspect(inspect_data(notes_csv(tmp_path, df, "right.csv")))
+    assert "MRI Brain with and without contrast" in capsys.readouterr().out

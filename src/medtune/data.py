@@ -291,11 +291,11 @@ def _drop_index_columns(df: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------ columns, labels
 
 
-def shown(value: Any, limit: int = 40) -> str:
+def shown(value: Any, limit: int = 40, words: int = 4) -> str:
     """``value`` for an error or warning line, unless it may be note text (a headerless file's
-    first row, a note in the label column): longer than ``limit`` or more than four words."""
+    first row, a note in the label column): longer than ``limit`` or more than ``words`` words."""
     text = str(value)
-    if len(text) > limit or len(text.split()) > 4:
+    if len(text) > limit or len(text.split()) > words:
         return f"<{len(text)} characters, not shown>"
     # one line, whatever the file holds: control characters are escaped
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

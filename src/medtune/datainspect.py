@@ -118,6 +118,14 @@ def _row(table: Table, *cells: Any) -> None:
     table.add_row(*(Text(str(c)) for c in cells))  # Text: no rich markup in labels or paths
 
 
+def _label(label: str) -> str:
+    """A label as printed: protocol names pass ("MRI Brain with and without contrast"), text
+    long enough to be a note (swapped columns) is replaced by its length."""
+    from medtune.data import shown
+
+    return shown(label, limit=80, words=10)
+
+
 def render_inspect(summary: dict[str, Any]) -> None:
     """Print the summary as tables on stdout."""
     console = Console()
@@ -132,8 +140,8 @@ def render_inspect(summary: dict[str, Any]) -> None:
 
     labels = _table(f"Labels ({len(summary['labels'])})", "label", "rows", "share")
     total = sum(summary["labels"].values()) or 1
-    for label, n in summary["labels"].items():
-        _row(labels, label, n, f"{100 * n / total:.1f}%")
+    for label, n in summary["labels"].items():  # a label column holding notes prints none
+        _row(labels, _label(label), n, f"{100 * n / total:.1f}%")
     console.print(labels)
 
     lengths = _table("Text length", "unit", "min", "mean", "p50", "p95", "max")
@@ -151,7 +159,8 @@ def render_inspect(summary: dict[str, Any]) -> None:
     if summary["near_duplicate_labels"]:
         near = _table("Possible near-duplicate labels", "label", "label", "ratio", "edits")
         for pair in summary["near_duplicate_labels"]:
-            _row(near, pair["a"], pair["b"], pair["ratio"], pair["edit_distance"] or "-")
+            _row(near, _label(pair["a"]), _label(pair["b"]), pair["ratio"],
+                 pair["edit_distance"] or "-")
         console.print(near)
 
     leak = summary.get("leakage")
@@ -161,7 +170,7 @@ def render_inspect(summary: dict[str, Any]) -> None:
                     "shared_with_different_labels"):
             _row(table, key.replace("_", " "), leak[key])
         for key in ("labels_only_here", "labels_only_there"):
-            _row(table, key.replace("_", " "), ", ".join(leak[key]) or "-")
+            _row(table, key.replace("_", " "), ", ".join(map(_label, leak[key])) or "-")
         console.print(table)
 
     examples = summary.get("examples")
