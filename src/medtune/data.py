@@ -16,7 +16,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,35 +107,48 @@ def _header(path: Path, record: list[str]) -> list[str]:
     return names
 
 
-def _read_delimited(path: Path, text: str, bad: int | None, delimiter: str):
+def delimited_rows(path: Path, lines: Iterable[str], delimiter: str) -> Iterator[list[str]]:
+    """The header (names stripped and unique), then every data row of a delimited text, read
+    as ``lines`` yields it: blank lines skipped; a row whose field count differs from the
+    header's, a CSV syntax error or a missing header is one DataError naming file, row and line.
+    Shared by training's reader and prediction's streaming reader."""
     old_limit = csv.field_size_limit()
-    csv.field_size_limit(2**31 - 1)  # sizes are checked in bytes by _check_field_sizes
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    csv.field_size_limit(2**31 - 1)  # sizes are checked in bytes (training) or not at all
+    reader = csv.reader(lines, delimiter=delimiter)
     header: list[str] | None = None
-    rows: list[list[str]] = []
+    n = 0
     try:
         for record in reader:
             if not record or (len(record) == 1 and not record[0].strip()):
                 continue  # blank line
             if header is None:
                 header = _header(path, record)
+                yield header
                 continue
-            n = len(rows) + 1
+            n += 1
             if len(record) != len(header):
                 raise DataError(f"{path}: data row {n} (line {reader.line_num}): expected "
                                 f"{len(header)} fields, got {len(record)}")
-            if bad is not None:
-                for value, column in zip(record, header, strict=True):
-                    if _BAD_UTF8.search(value):
-                        raise DataError(f"{path}: data row {n}, column '{shown(column)}': not valid "
-                                        f"UTF-8 (byte offset {bad}); re-save the file as UTF-8")
-            rows.append(record)
+            yield record
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
     finally:
         csv.field_size_limit(old_limit)
     if header is None:
         raise DataError(f"{path}: file is empty")
+
+
+def _read_delimited(path: Path, text: str, bad: int | None, delimiter: str):
+    records = delimited_rows(path, io.StringIO(text, newline=""), delimiter)
+    header = next(records)
+    rows: list[list[str]] = []
+    for record in records:
+        if bad is not None:
+            for value, column in zip(record, header, strict=True):
+                if _BAD_UTF8.search(value):
+                    raise DataError(f"{path}: data row {len(rows) + 1}, column '{shown(column)}': "
+                                    f"not valid UTF-8 (byte offset {bad}); re-save the file as UTF-8")
+        rows.append(record)
     df = pd.DataFrame(rows, columns=header, dtype=str) if rows else pd.DataFrame(columns=header)
     return df, [f"data row {i}" for i in range(1, len(rows) + 1)]
 

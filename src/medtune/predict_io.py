@@ -9,7 +9,6 @@ to one CSV or Parquet file (the caller gives a temporary path and renames it at 
 from __future__ import annotations
 
 import contextlib
-import csv
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -95,43 +94,24 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
 
 
 def _delimited(path: Path, sep: str, rows: int) -> Iterator[pd.DataFrame]:
-    """A delimited file in DataFrames of ``rows`` rows, by ``medtune.data``'s rules (header names
-    stripped and unique, every row as many fields as the header, blank lines skipped), read a
-    line at a time: memory stays bounded on big files."""
-    from medtune.data import _header
+    """A delimited file in DataFrames of ``rows`` rows, by training's rules
+    (``medtune.data.delimited_rows``), read a line at a time: memory stays bounded."""
+    from medtune.data import delimited_rows
 
-    header: list[str] | None = None
-    batch: list[list[str]] = []
-    n = 0
-    old_limit = csv.field_size_limit()
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh, delimiter=sep)
-            csv.field_size_limit(2**31 - 1)  # predict checks no field size; the CSV reader neither
-            for record in reader:
-                if not record or (len(record) == 1 and not record[0].strip()):
-                    continue  # blank line
-                if header is None:
-                    header = _header(path, record)
-                    continue
-                n += 1
-                if len(record) != len(header):
-                    raise DataError(f"{path}: data row {n} (line {reader.line_num}): expected "
-                                    f"{len(header)} fields, got {len(record)}")
+            records = delimited_rows(path, fh, sep)
+            header = next(records)
+            batch: list[list[str]] = []
+            for record in records:
                 batch.append(record)
                 if len(batch) == rows:
                     yield pd.DataFrame(batch, columns=header, dtype=str)
                     batch = []
+            if batch:
+                yield pd.DataFrame(batch, columns=header, dtype=str)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
-    finally:
-        csv.field_size_limit(old_limit)
-    if header is None:
-        raise DataError(f"{path}: file is empty")
-    if batch:
-        yield pd.DataFrame(batch, columns=header, dtype=str)
 
 
 def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:
