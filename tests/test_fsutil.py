@@ -77,3 +77,38 @@ def test_output_that_holds_an_input_is_refused_even_with_overwrite(tmp_path):
         with pytest.raises(MedtuneError, match="is or contains the input"):
             check_output_dir(out, overwrite=True, inputs=[data])
     check_output_dir(tmp_path / "elsewhere", inputs=[data, None, "tfidf"])  # absent names pass
+
+
+def test_written_files_get_ordinary_modes_not_owner_only(tmp_path):
+    """safetensors >= 0.8 and mkstemp create 0600 files; medtune's artifacts follow the umask."""
+    import torch
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "x.txt").write_text("x")
+    with atomic_file(tmp_path / "card.json") as tmp:
+        tmp.write_text("{}")
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    assert mode(tmp_path / "adapter" / "w.safetensors") == file_mode
+    assert mode(tmp_path / "adapter" / "sub") == dir_mode == mode(tmp_path / "adapter")
+    assert mode(tmp_path / "adapter" / "sub" / "x.txt") == file_mode
+    assert mode(tmp_path / "card.json") == file_mode
+
+
+def test_atomic_dir_puts_back_a_version_a_crash_left_between_the_renames(tmp_path):
+    target = tmp_path / "merged"
+    old = tmp_path / ".merged.old"
+    old.mkdir()
+    (old / "model.txt").write_text("v1")  # crash after renaming merged -> .merged.old
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "model.txt").write_text("half")
+        raise RuntimeError("crash")
+    assert (target / "model.txt").read_text() == "v1" and not old.exists()
+    with atomic_dir(target) as tmp:
+        (tmp / "model.txt").write_text("v2")
+    assert (target / "model.txt").read_text() == "v2" and sorted(os.listdir(tmp_path)) == ["merged"]

@@ -18,6 +18,11 @@ from typing import Any
 
 from medtune.errors import MedtuneError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # what open() would give: libraries that write through a private
+_DIR_MODE = 0o777 & ~_UMASK  # temporary file (safetensors >= 0.8, mkstemp) leave 0600 behind
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
@@ -27,9 +32,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; artifacts are ordinary files
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)  # artifacts are ordinary files, not owner-only ones
         _fsync(tmp_path)
         os.replace(tmp_path, path)
         _fsync(path.parent)
@@ -49,10 +54,15 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _seal_tree(root: Path) -> None:
+    """Give every file and folder under ``root`` the modes the umask allows, then flush them."""
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync(Path(folder) / name)
+            file = Path(folder) / name
+            if not file.is_symlink():
+                os.chmod(file, _FILE_MODE)
+            _fsync(file)
+        os.chmod(folder, _DIR_MODE)
         _fsync(Path(folder))
 
 
@@ -60,17 +70,20 @@ def _fsync_tree(root: Path) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; move it onto ``path`` only on success.
 
-    An existing ``path`` is replaced only after the new directory is complete.
+    An existing ``path`` is replaced only after the new directory is complete. Its previous
+    version is kept as ``.NAME.old`` for the moment between the two renames; if a crash left only
+    that, it is put back here first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o755)
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _seal_tree(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
