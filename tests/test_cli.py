@@ -98,3 +98,14 @@ def test_train_in_a_log_prints_plain_progress_and_no_library_bars(tiny_base, tmp
 def test_serve_refuses_impossible_limits_before_starting(tmp_path, option, value):
     out = medtune("serve", "--model", str(tmp_path), option, value)
     assert out.returncode == 2 and option in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("base", ["missing-model", "/nowhere/model", "./rel/model"])
+def test_missing_base_is_named_as_a_missing_directory_not_a_hub_id(tmp_path, base):
+    data = tmp_path / "t.csv"
+    pd.DataFrame({"text": TINY_NOTES[:8], "label": ["a", "b"] * 4}).to_csv(data, index=False)
+    out = medtune("train", "--data", str(data), "--output", str(tmp_path / "run"), "--base", base)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"error: {base}: base model directory not found"], lines
+    assert not (tmp_path / "run").exists()

@@ -63,13 +63,21 @@ def resolve_base(base: str) -> str:
     if base == "embedded":
         raise MedtuneError("base 'embedded' must be built first (medtune base build)")
     p = Path(base).expanduser()
+    if p.exists() and not (p / "config.json").is_file():
+        raise MedtuneError(f"{p}: not a Hugging Face model directory (no config.json)")
+    return _local_or_hub(base, "base model directory")
+
+
+def _local_or_hub(name: str | Path, what: str) -> str:
+    """An existing local path, or something shaped like a hub id ('org/name'); anything else is
+    a missing local path (and gets that message, not the hub's repo-id rules)."""
+    p = Path(name).expanduser()
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise MedtuneError(f"{p}: not a Hugging Face model directory (no config.json)")
         return str(p)
-    if "/" in base and not base.startswith((".", "/")):
-        return base  # hub id; loading works only where a hub (or its cache) is reachable
-    raise MedtuneError(f"{base}: base model directory not found")
+    text = str(name)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return text  # hub id; loading works only where a hub (or its cache) is reachable
+    raise MedtuneError(f"{name}: {what} not found")
 
 
 def load_tokenizer(path: str | Path):
@@ -80,8 +88,9 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
+    source = _local_or_hub(path, "model or tokenizer directory")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:  # no or broken tokenizer files: one line, not a traceback
         why = " ".join(str(exc).split()) or type(exc).__name__
         raise MedtuneError(f"{path}: cannot load its tokenizer ({why[:160]})") from None

@@ -44,6 +44,7 @@ from medtune.model import (
     enable_checkpointing,
     load_base_model,
     load_tokenizer,
+    resolve_base,
     resolve_device,
 )
 from medtune.optim import _is_oom, make_optimizer, make_scheduler, param_groups
@@ -120,6 +121,8 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         check_output_dir(run_dir, overwrite, inputs=[data, val, cfg.model.base])
     if resume and not ckpt.complete_checkpoints(run_dir):  # before loading anything
         raise MedtuneError(f"{run_dir}: --resume given but no complete checkpoint found")
+    if cfg.model.base != "embedded":
+        resolve_base(cfg.model.base)  # a missing base fails here, before the data is read
     train_df = _load_split(data, cfg)
     if val:
         val_df = _load_split(val, cfg)
