@@ -13,7 +13,7 @@ from conftest import TINY_LABELS, TINY_NOTES
 from medtune.config import PredictConfig
 from medtune.errors import DataError, MedtuneError
 from medtune.generate import decode_new_tokens, snap_to_label
-from medtune.predict import Predictor, per_row_generate_baseline, predict_file
+from medtune.predict import Predictor, per_row_generate_baseline, predict_file, resolve_task
 from medtune.scoring import score_naive
 
 INJECTIONS = [
@@ -294,3 +294,18 @@ def test_a_labels_file_listing_a_label_twice_is_refused(tmp_path):
         load_labels(path)
     path.write_text(json.dumps(["CT Head", "L-Spine"]))
     assert load_labels(tmp_path) == ["CT Head", "L-Spine"]
+
+
+def test_task_defaults_to_the_models_and_an_explicit_other_task_is_refused(tmp_path):
+    from medtune.errors import ConfigError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "medtune.json").write_text(json.dumps({"task": "mcqa"}))
+    plain = tmp_path / "base"
+    plain.mkdir()
+    assert resolve_task(str(run), None) == "mcqa" and resolve_task(str(run), "mcqa") == "mcqa"
+    assert resolve_task(str(plain), None) == "protocol"
+    assert resolve_task(str(plain), "mcqa") == "mcqa"
+    with pytest.raises(ConfigError, match=r"task .protocol. given, but .*run was trained for .mcqa."):
+        resolve_task(str(run), "protocol")  # was silently replaced by the model's task

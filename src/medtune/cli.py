@@ -257,7 +257,8 @@ def predict_cmd(
     config: ConfigOpt = None,
     overrides: Overrides = None,
     labels: Annotated[Path | None, typer.Option(help="labels.json for a plain base (zero-shot).")] = None,
-    task: Task = "protocol",
+    task: Annotated[str | None, typer.Option(
+        help="protocol or mcqa (default: the model's task; a plain base: protocol).")] = None,
     text_column: TextCol = None,
     label_column: LabelCol = None,
     mode: Annotated[str | None, typer.Option(help="constrained (default) or generate.")] = None,
@@ -313,7 +314,8 @@ def evaluate_cmd(
     ] = None,
     train_data: Annotated[Path | None, typer.Option(help="Training file for --baseline tfidf.")] = None,
     labels: Annotated[Path | None, typer.Option(help="labels.json (plain base models).")] = None,
-    task: Annotated[str | None, typer.Option(help="protocol or mcqa (default: from the model).")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="protocol or mcqa (default: the model's task; a plain base: protocol).")] = None,
     mode: Annotated[str, typer.Option(help="constrained or generate.")] = "constrained",
     min_confidence: Annotated[float, typer.Option(help="Abstention threshold.")] = 0.0,
     merge: Annotated[str, typer.Option(

@@ -289,7 +289,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     from medtune.predict import resolve_task
 
     cfg = cfg or PredictConfig(merge="no")  # measure a run as trained unless asked
-    task = resolve_task(model, task or "protocol")
+    task = resolve_task(model, task)
     baseline = list(baseline or [])
     train_path = train_data or _sibling_train(data)
     _check_baselines(baseline, train_path, task)

@@ -320,13 +320,14 @@ def model_task(model: str | Path) -> str | None:
     return None
 
 
-def resolve_task(model: str | Predictor, task: str) -> str:
-    """The model's own task wins over the default; a conflicting explicit task is an error."""
+def resolve_task(model: str | Predictor, task: str | None) -> str:
+    """``task`` None: the model's own task (a plain base: 'protocol'). An explicit task the
+    model was not trained for is an error, 'protocol' included."""
     own = model.task if isinstance(model, Predictor) else model_task(model)
+    if task is None:
+        return own or "protocol"
     if own is None or own == task:
         return task
-    if task == "protocol":
-        return own
     raise ConfigError(f"task '{task}' given, but {_model_name(model)} was trained for '{own}'")
 
 
@@ -335,7 +336,7 @@ def _model_name(model: str | Predictor) -> str:
 
 
 def predict_file(model: str | Predictor, data: str, output: str, cfg: PredictConfig, *,
-                 labels: str | None = None, task: str = "protocol",
+                 labels: str | None = None, task: str | None = None,
                  text_column: str | None = None, label_column: str | None = None,
                  keep_text: bool = False, engine: str = "local", overwrite: bool = False,
                  snap: bool = False, cop_base: int = 0, model_cfg: ModelConfig | None = None,

@@ -147,7 +147,7 @@ def _worker_error(exc: Exception) -> MedtuneError | None:
 
 
 def predict_file_spark(model: str, data: str, output: str, cfg: PredictConfig, *,
-                       labels: str | None = None, task: str = "protocol",
+                       labels: str | None = None, task: str | None = None,
                        text_column: str | None = None, label_column: str | None = None,
                        keep_text: bool = False, overwrite: bool = False, snap: bool = False,
                        cop_base: int = 0, model_cfg: ModelConfig | None = None,
