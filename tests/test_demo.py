@@ -24,6 +24,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
         assert (out / name).exists(), name
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["outside_label_set"] == 0
+    assert metrics["min_confidence"] == 0.5  # the report abstains as step 6's predictions did
     names = [row["model"] for row in result["metrics"]["comparison"]]
     assert len(names) == 3 and any("TF-IDF" in n for n in names)
     assert set(result["timings"]) >= {"base", "train", "merge", "predict", "evaluate", "total"}

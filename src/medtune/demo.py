@@ -106,7 +106,7 @@ def run_demo(output: str | Path = "runs/demo", *, n: int = 10000, seed: int = 0,
     # "before" = the base zero-shot
     metrics = evaluate(str(run), str(out / "data" / "test.csv"), str(out / "report"),
                        baseline=[str(base), "tfidf"], train_data=str(out / "data" / "train.csv"),
-                       cfg=replace(cfg.predict, merge="no"), overwrite=True)
+                       cfg=replace(pcfg, merge="no"), overwrite=True)  # step 6's threshold
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - t_all
     Console(width=max(console.width, 140)).print(_table(metrics["comparison"]))

@@ -304,6 +304,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     metrics = classification_metrics(gold, preds, conf, main["labels"])
     metrics.update(task=task, mode=cfg.mode, n=len(df), model=str(model), data=str(data),
                    abstained=sum(bool(r["abstained"]) for r in main["rows"]),
+                   min_confidence=cfg.min_confidence,
                    memory_kind=main["memory_kind"] + ("" if isolate else
                                                       " (not isolated: the whole run so far)"))
     comparison = [summary_row("fine-tuned", main, metrics)]
