@@ -178,6 +178,14 @@ def test_resolve_errors(store):
         resolve_model_uri("models:/only-a-name")
     with pytest.raises(MedtuneError, match="not found in the registry"):
         resolve_model_uri("models:/missing@champion")
+    with pytest.MonkeyPatch.context() as mp:  # serve: fails before the server starts
+        import uvicorn
+
+        from medtune.serve import serve
+
+        mp.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started"))
+        with pytest.raises(MedtuneError, match="not found in the registry"):
+            serve("models:/missing@champion")
 
 
 def test_model_cache_dirs_are_distinct_for_distinct_names():

@@ -323,5 +323,8 @@ def test_serve_refuses_a_missing_model_directory_before_starting(tmp_path, monke
     with pytest.raises(MedtuneError, match=r"nope: model directory not found"):
         serve(str(tmp_path / "nope"))
     assert started == []
-    serve("models:/protocol@champion")  # resolved by the background loader, as before
-    assert len(started) == 1
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(MedtuneError, match=r"models:/protocol@champion: no registry here"):
+        serve("models:/protocol@champion")  # was: a live server, never ready
+    assert started == [] and not (tmp_path / "mlruns.db").exists()  # and no empty registry made

@@ -316,6 +316,11 @@ def resolve_model_uri(uri: str) -> str:
         return uri
     name, version, alias = _parse_models_uri(uri)
     _require_mlflow()
+    default_db = Path.cwd() / "mlruns.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not default_db.is_file():
+        # reading must not create an empty registry in whatever directory this runs from
+        raise MedtuneError(f"{uri}: no registry here ({default_db} does not exist); run from the "
+                           "directory you registered in or set MLFLOW_TRACKING_URI")
     from mlflow.exceptions import MlflowException
 
     _setup()

@@ -423,8 +423,12 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     log.setLevel(logging.INFO)
     api_key = api_key or os.environ.get("MEDTUNE_API_KEY") or None
     _check_bind(host, api_key)
-    if isinstance(model, str | Path) and not str(model).startswith("models:/") \
-            and not Path(model).is_dir():  # a typo fails now, not as a 503 behind a live server
+    # a typo or a missing registered model fails now, not as a 503 behind a live server
+    if isinstance(model, str | Path) and str(model).startswith("models:/"):
+        from medtune.registry import resolve_model_uri
+
+        resolve_model_uri(str(model))  # downloads into the cache; the loader finds it there
+    elif isinstance(model, str | Path) and not Path(model).is_dir():
         raise MedtuneError(f"{model}: model directory not found")
     app = create_app(model, api_key=api_key, **limits)
     uvicorn.run(app, host=host, port=port, access_log=False, server_header=False,
