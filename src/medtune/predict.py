@@ -32,8 +32,7 @@ from medtune.fsutil import atomic_file, check_output_file, read_json
 from medtune.generate import generate_batch, generation_rows, per_row_generate_baseline
 from medtune.model import Loaded, load_for_inference, model_device
 from medtune.predict_io import ChunkWriter, iter_records, output_format, progress_bar, rows_frame
-from medtune.scoring import score_tree, truncate_prompt
-from medtune.tasks.mcqa import choice_ids
+from medtune.scoring import label_rows, truncate_prompt
 
 __all__ = ["Predictor", "per_row_generate_baseline", "predict_file"]
 
@@ -148,38 +147,14 @@ class Predictor:
         """[N, L] log-likelihood of each label after each text's prompt."""
         if not texts:
             return torch.zeros((0, len(self.labels)))
-        pad = self.tokenizer.pad_token_id
         memo: dict[tuple[int, ...], Any] = {}  # the shared prompt prefix runs once per call
-        if self.task == "mcqa":
-            rows = self._mcqa_scores(texts, memo)
-        else:
-            prompts = self.prompts(texts, max(len(ids) for ids in self.label_ids))
-            rows = self.batched(
-                lambda b: list(score_tree(self.model, b, self.label_ids, pad, memo)), prompts)
+        rows = label_rows(self.model, self.tokenizer, self.template, texts, self.labels,
+                          self.label_ids, self.context_limit, self.batched, memo)
         out = torch.stack(rows).float()
         if torch.isnan(out).any():
             raise MedtuneError("the model produced NaN label scores (fp16 overflow? set "
                                "model.compute_dtype=float32 or bfloat16)")
         return out
-
-    def _mcqa_scores(self, texts: Sequence[str],
-                     memo: dict[tuple[int, ...], Any]) -> list[torch.Tensor]:
-        """lm-eval-convention choice scores; prompts whose choices tokenize alike share a pass."""
-        pairs = [choice_ids(self.tokenizer, self.template, t, self.labels) for t in texts]
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, conts) in enumerate(pairs):
-            groups.setdefault(tuple(map(tuple, conts)), []).append(i)
-        rows: list[Any] = [None] * len(texts)
-        limit = self.context_limit
-        for conts, idx in groups.items():
-            reserve = max(len(c) for c in conts)
-            cut = None if limit is None else max(8, limit - reserve)
-            prompts = [truncate_prompt(pairs[i][0], cut) for i in idx]
-            scored = self.batched(lambda b, c=conts: list(
-                score_tree(self.model, b, c, self.tokenizer.pad_token_id, memo)), prompts)
-            for i, row in zip(idx, scored, strict=True):
-                rows[i] = row
-        return rows
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, L] softmax over the labels' log-likelihoods: each row sums to 1."""

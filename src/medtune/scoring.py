@@ -17,7 +17,7 @@ model was trained to produce.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,16 +239,56 @@ def score_naive(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequen
     return out
 
 
+Batches = Callable[[Callable[[list[list[int]]], list[Any]], list[list[int]]], list[Any]]
+
+
+def in_batches(size: int) -> Batches:
+    """The simplest ``run`` for ``label_rows``: ``fn`` over consecutive slices of ``size``."""
+    def run(fn: Callable[[list[list[int]]], list[Any]], prompts: list[list[int]]) -> list[Any]:
+        return [row for i in range(0, len(prompts), size) for row in fn(prompts[i:i + size])]
+    return run
+
+
+def label_rows(model, tokenizer, template, texts: Sequence[str], labels: Sequence[str],
+               label_ids: list[list[int]], limit: int | None, run: Batches,
+               memo: dict[tuple[int, ...], Any]) -> list[torch.Tensor]:
+    """One [L] row of label log-likelihoods per text, exactly as training encodes the task.
+
+    protocol: template prompt + ``label_ids`` (each label's tokens + EOS). mcqa: lm-eval's rule
+    (``choice_ids``: context and letter encoded as one string); prompts whose choices tokenize
+    alike share passes. Prompts longer than ``limit`` lose their middle so the longest label
+    still fits. ``run(fn, prompts)`` batches (``Predictor.batched``, ``in_batches``)."""
+    pad = tokenizer.pad_token_id
+    if template.task != "mcqa":
+        cut = None if limit is None else max(8, limit - max(len(ids) for ids in label_ids))
+        prompts = [truncate_prompt(ids, cut) for ids in template.prompts_ids(tokenizer, list(texts))]
+        return run(lambda b: list(score_tree(model, b, label_ids, pad, memo)), prompts)
+    from medtune.tasks.mcqa import choice_ids
+
+    pairs = [choice_ids(tokenizer, template, t, labels) for t in texts]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, conts) in enumerate(pairs):
+        groups.setdefault(tuple(map(tuple, conts)), []).append(i)
+    rows: list[Any] = [None] * len(texts)
+    for conts, idx in groups.items():
+        cut = None if limit is None else max(8, limit - max(len(c) for c in conts))
+        prompts = [truncate_prompt(pairs[i][0], cut) for i in idx]
+        scored = run(lambda b, c=conts: list(score_tree(model, b, c, pad, memo)), prompts)
+        for i, row in zip(idx, scored, strict=True):
+            rows[i] = row
+    return rows
+
+
 def score_labels(model, tokenizer, template, texts: Sequence[str], labels: Sequence[str],
-                 batch_size: int = 8, max_prompt_tokens: int | None = None) -> torch.Tensor:
-    """[N, L] log-likelihoods of each label for each text, using the run's template."""
+                 batch_size: int = 8, max_length: int | None = None) -> torch.Tensor:
+    """[N, L] log-likelihoods of each label for each text, scored as ``Predictor`` scores them
+    (training's validation accuracy); ``max_length`` bounds prompt + label."""
+    if not texts:
+        return torch.zeros((0, len(labels)))
     label_ids = [template.answer_ids(tokenizer, lab) for lab in labels]
-    prompts = [truncate_prompt(ids, max_prompt_tokens)
-               for ids in template.prompts_ids(tokenizer, list(texts))]
-    memo: dict[tuple[int, ...], Any] = {}
-    parts = [score_tree(model, prompts[i:i + batch_size], label_ids, tokenizer.pad_token_id, memo)
-             for i in range(0, len(prompts), batch_size)]
-    return torch.cat(parts) if parts else torch.zeros((0, len(labels)))
+    rows = label_rows(model, tokenizer, template, texts, labels, label_ids, max_length,
+                      in_batches(batch_size), {})
+    return torch.stack(rows)
 
 
 def truncate_prompt(ids: list[int], limit: int | None, keep_tail: int = 16) -> list[int]:

@@ -246,7 +246,7 @@ def validate(s: Setup) -> dict[str, float]:
         ce, k = supervised_loss(s.model, b["input_ids"], b["attention_mask"], b["labels"])
         ce_sum, count = ce_sum + float(ce), count + k
     scores = score_labels(s.model, s.tokenizer, s.template, s.val_texts[:n], s.labels,
-                          batch_size=8, max_prompt_tokens=s.cfg.train.max_length)
+                          batch_size=8, max_length=s.cfg.train.max_length)
     pred = [s.labels[j] for j in scores.argmax(-1).tolist()]
     acc = sum(p == g for p, g in zip(pred, s.val_answers[:n], strict=True)) / n
     if fsdp.is_sharded(s.model):
