@@ -344,3 +344,32 @@ def test_a_merged_directory_is_cast_to_bf16_for_scoring_only(qlora_run, tmp_path
     pd.DataFrame({"text": texts}).to_csv(data, index=False)
     summary = predict_file(half, str(data), str(tmp_path / "pred.csv"), half.cfg, progress=False)
     assert summary["weights_dtype"] == "bfloat16" and summary["merged_in_memory"] is False
+
+
+def test_merge_requantizes_as_training_did(qlora_run, tiny_base, tmp_path):
+    """NF4 codes depend on the dtype the weights were loaded in: a run trained with bf16
+    compute (a GPU) must be dequantized from bf16-quantized weights, even on a CPU."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from medtune.config import ModelConfig
+    from medtune.merge import dequantized_weight
+    from medtune.model import load_base_model
+
+    bf16_run = tmp_path / "bf16-run"
+    shutil.copytree(qlora_run, bf16_run)
+    meta = json.loads((bf16_run / "medtune.json").read_text())
+    assert meta["compute_dtype"] == "float32"
+    (bf16_run / "medtune.json").write_text(json.dumps({**meta, "compute_dtype": "bfloat16"}))
+    key, layer = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj"
+    merged = {}
+    for name, run in (("fp32", qlora_run), ("bf16", bf16_run)):
+        merge(run, tmp_path / name)
+        merged[name] = load_file(str(tmp_path / name / "model.safetensors"))[key]
+    deq = {name: dequantized_weight(load_base_model(
+        str(tiny_base), ModelConfig(quantization="nf4", compute_dtype=dtype, device="cpu")
+    ).get_submodule(layer)) for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    codes_differ = deq["bf16"] - deq["fp32"]
+    assert codes_differ.abs().max() > 1e-4  # the two quantizations really differ here
+    torch.testing.assert_close(merged["bf16"] - merged["fp32"], codes_differ, atol=1e-6, rtol=0)

@@ -17,7 +17,7 @@ import torch
 from medtune.config import ModelConfig
 from medtune.errors import MedtuneError
 from medtune.fsutil import atomic_dir, check_output_dir, write_json
-from medtune.model import DTYPES, load_base_model, load_tokenizer, read_meta
+from medtune.model import DTYPES, as_trained, load_base_model, load_tokenizer, read_meta
 from medtune.tasks import Template
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
@@ -107,8 +107,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     base = load_base_model(meta["base"], full_cfg, tokenizer)
     quantized = meta.get("quantization", "none") != "none"
     if quantized and source == "dequantized":
-        qbase = load_base_model(meta["base"], ModelConfig(quantization=meta["quantization"], device="cpu"),
-                                tokenizer)
+        qbase = load_base_model(meta["base"], as_trained(meta, ModelConfig(device="cpu")), tokenizer)
         dequantize_into(base, qbase)
         del qbase
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
@@ -121,8 +120,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
         raise MedtuneError(f"merged model differs from base+adapter by {diff:.3g} > tolerance {tol}")
     diff_4bit = None
     if meta.get("quantization", "none") != "none":
-        qcfg = ModelConfig(quantization=meta["quantization"], device="cpu")
-        qbase = load_base_model(meta["base"], qcfg, tokenizer)
+        qbase = load_base_model(meta["base"], as_trained(meta, ModelConfig(device="cpu")), tokenizer)
         qmodel = PeftModel.from_pretrained(qbase, str(run_dir / "adapter")).eval()
         diff_4bit = float((_logits(qmodel, batch) - got).abs().max())
         del qmodel, qbase

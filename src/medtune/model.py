@@ -226,6 +226,19 @@ def load_labels(path: str | Path) -> list[str]:
     return list(labels)
 
 
+def as_trained(meta: dict[str, Any], cfg: ModelConfig | None = None,
+               quantization: str | None = None) -> ModelConfig:
+    """``cfg`` for rebuilding a run's quantized base as training built it. NF4 codes and scales
+    depend on the dtype the weights were loaded in, so a run trained with bf16 compute (a GPU)
+    is quantized from bf16 again, on any device; a compute_dtype set explicitly wins."""
+    cfg = cfg or ModelConfig()
+    quant = quantization or meta.get("quantization", "none")
+    dtype = cfg.compute_dtype
+    if quant != "none" and dtype == "auto" and meta.get("compute_dtype") in DTYPES:
+        dtype = str(meta["compute_dtype"])
+    return ModelConfig(**{**cfg.__dict__, "quantization": quant, "compute_dtype": dtype})
+
+
 def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
                        labels: str | Path | None = None, task: str = "protocol",
                        quantization: str | None = None) -> Loaded:
@@ -244,6 +257,9 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
         from peft import PeftModel
 
         tokenizer = load_tokenizer(path / "tokenizer")
+        # the configured compute dtype, for speed: on a CPU, fp32 (bf16 there is ~12x slower),
+        # though a bf16-trained run's NF4 codes come from bf16 weights. `medtune merge`
+        # rebuilds them exactly (as_trained).
         run_cfg = ModelConfig(**{**cfg.__dict__, "quantization": quantization or meta["quantization"]})
         base = load_base_model(meta["base"], run_cfg, tokenizer)
         model = PeftModel.from_pretrained(base, str(path / "adapter"))
