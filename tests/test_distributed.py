@@ -224,3 +224,39 @@ def test_fsdp_run_was_sharded_and_resumes_to_the_same_adapter(runs, tiny_base, t
     a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def _run_launch(launcher: str, args: list[str], log: Path) -> None:
+    proc = _launch(launcher, 2, args, log)
+    try:
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_two_process_resume_with_dropout_restores_each_ranks_random_stream(runs, tiny_base,
+                                                                          tmp_path):
+    """With LoRA dropout every rank draws its own masks; a checkpoint used to keep only rank 0's
+    RNG state, so after --resume both ranks drew the same masks and the adapter differed."""
+    import shutil
+
+    data, val = runs["nf4"][0].parent / "train13.csv", runs["nf4"][0].parent / "val.csv"
+    overrides = [f"model.base={tiny_base}", "model.quantization=nf4", *COMMON, "lora.dropout=0.3",
+                 "train.eval_every=0"]
+    whole = tmp_path / "whole"
+    _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(whole),
+                             *overrides], tmp_path / "whole.log")
+    again = tmp_path / "again"
+    shutil.copytree(whole, again)
+    for stale in ("checkpoints/step-0000004", "adapter", "medtune.json"):
+        path = again / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(again),
+                             "--resume", *overrides], tmp_path / "again.log")
+    assert "resuming from step-0000002" in (tmp_path / "again.log").read_text()
+    a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

@@ -26,20 +26,36 @@ from medtune.fsutil import atomic_dir, read_json, write_json
 MARKER = "COMPLETE"
 
 
+def rng_states(world: int = 1) -> dict[str, torch.Tensor]:
+    """This process's RNG states ('torch', 'cuda'); with several processes also every rank's
+    ('torch.rank1', ...), so each resumes its own dropout stream. A collective when
+    ``world > 1``: every rank calls it."""
+    own = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        own["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return own
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, own)
+    return {**own, **{f"{key}.rank{r}": value.cpu() for r, states in enumerate(gathered)
+                      for key, value in states.items()}}
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler,
                     state: dict[str, Any], keep: int = 2,
-                    full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
-    """``full``: (weights, optimizer state) already gathered from FSDP shards (medtune.fsdp)."""
+                    full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+                    rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """``full``: (weights, optimizer state) already gathered from FSDP shards (medtune.fsdp);
+    ``rng``: every rank's RNG states (``rng_states``), else this process's."""
     target = run_dir / "checkpoints" / f"step-{step:07d}"
     weights, optim_state = full if full is not None else (full_trainable_state(model), optimizer.state_dict())
     with atomic_dir(target) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optim_state, tmp / "optimizer.pt")
         _test_delay()
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(tmp / "rng.safetensors"))
+        save_file(rng or rng_states(), str(tmp / "rng.safetensors"))
         write_json(tmp / "trainer_state.json", {
             **state, "step": step, "scheduler": scheduler.state_dict(),
             "python_random": list(random.getstate()[1]),
@@ -73,7 +89,7 @@ def prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(junk, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
     weights = load_file(str(path / "trainable.safetensors"))
     optim_state = torch.load(path / "optimizer.pt", weights_only=True)
     if is_sharded(model):  # FSDP: every rank reads the full state and keeps its shards
@@ -87,9 +103,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     state = read_json(path / "trainer_state.json")
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    own = {key: rng.get(f"{key}.rank{rank}", rng.get(key)) for key in ("torch", "cuda")}
+    torch.set_rng_state(own["torch"])
+    if own["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(own["cuda"])
     py = state.pop("python_random")
     random.setstate((3, tuple(py), None))
     return state

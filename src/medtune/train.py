@@ -281,7 +281,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
         found = ckpt.complete_checkpoints(s.run_dir)
         if not found:
             raise MedtuneError(f"{s.run_dir}: --resume given but no complete checkpoint found")
-        state = ckpt.load_checkpoint(found[-1], s.model, optimizer, scheduler)
+        state = ckpt.load_checkpoint(found[-1], s.model, optimizer, scheduler, rank=s.rank)
         start_step = state["step"]
         if s.rank == 0:
             resumed = drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
@@ -377,11 +377,12 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                     # sharded: every rank gathers the full state (collectives), rank 0 writes
                     full = (fsdp.full_trainable_state(s.model),
                             fsdp.full_optimizer_state(s.model, optimizer)) if sharded else None
+                    rng = ckpt.rng_states(s.world)  # every rank's dropout stream
                     if s.rank == 0:
                         ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
                                              {"epoch": epoch, "micro_batch_size": micro,
                                               "config": s.meta["config"]},
-                                             keep=tc.keep_checkpoints, full=full)
+                                             keep=tc.keep_checkpoints, full=full, rng=rng)
                 if halt:
                     barrier()  # no rank exits (and gets the others killed) mid-checkpoint
                     raise Interrupted(done)
