@@ -98,3 +98,56 @@ def test_truncate_prompt_never_exceeds_its_limit():
         cut = truncate_prompt(ids, limit)
         assert len(cut) == limit and cut[0] == 0, limit
         assert limit < 2 or cut[-1] == 99, limit
+
+
+ARCH_CASES = {  # transformers config overrides on a tiny random model
+    "granite-logits-scaling": ("granite", {"logits_scaling": 8.0}),
+    "cohere-logit-scale": ("cohere", {"logit_scale": 0.0625}),
+    "mistral-sliding-window": ("mistral", {"sliding_window": 4}),
+    "gemma2-sliding-and-full": ("gemma2", {"sliding_window": 4, "head_dim": 16}),
+    "gemma3-sliding-layers": ("gemma3_text", {"sliding_window": 4, "head_dim": 16}),
+    "qwen2-mixed-layers": ("qwen2", {"sliding_window": 4, "use_sliding_window": True,
+                                     "max_window_layers": 1}),
+}
+
+
+def _tiny_random(arch: str, extra: dict):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_scores_equal_naive_with_logit_scaling_and_sliding_windows(case):
+    """Logit post-processing (was skipped: wrong temperature) and sliding windows shorter than
+    the prompt (the custom mask attended to everything) score as the model's own forward."""
+    from medtune.scoring import check_head
+
+    model = _tiny_random(*ARCH_CASES[case])
+    check_head(model)
+    prompts = [[1, *range(11, 31)], [1, 20, 21, 22]]  # 21 tokens: far past a window of 4
+    torch.testing.assert_close(score_tree(model, prompts, LABELS, pad_id=0),
+                               score_naive(model, prompts, LABELS, pad_id=0), atol=1e-4, rtol=0)
+
+
+def test_check_head_refuses_a_forward_that_changes_the_logits_otherwise(tiny_base):
+    from medtune.errors import MedtuneError
+    from medtune.scoring import check_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    check_head(model)
+    forward = model.forward
+
+    def doubled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = doubled
+    with pytest.raises(MedtuneError, match="post-processes the logits"):
+        check_head(model)

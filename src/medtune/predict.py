@@ -32,7 +32,7 @@ from medtune.fsutil import atomic_file, check_output_file, read_json
 from medtune.generate import generate_batch, generation_rows, per_row_generate_baseline
 from medtune.model import Loaded, load_for_inference, model_device
 from medtune.predict_io import ChunkWriter, iter_records, output_format, progress_bar, rows_frame
-from medtune.scoring import label_rows, truncate_prompt
+from medtune.scoring import check_head, label_rows, truncate_prompt
 
 __all__ = ["Predictor", "per_row_generate_baseline", "predict_file"]
 
@@ -94,6 +94,8 @@ class Predictor:
                                                   generate=generate)
         predictor.merged_dtype = _dtype_name(merged)
         predictor.weights_dtype = _dtype_name(merged or cast)
+        if not generate:  # constrained scoring computes the head itself
+            check_head(loaded.model)
         return predictor
 
     @property

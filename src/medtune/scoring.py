@@ -38,11 +38,41 @@ def _mask_dtype(model) -> torch.dtype:
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's LM head (and Gemma-2's final logit soft-capping) on selected hidden states."""
+    """The model's LM head on selected hidden states, with the logit post-processing of the
+    architectures that have one: Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma-2/3's
+    final soft-capping. ``check_head`` refuses a model whose forward does something else."""
     base = unwrap(model)
     logits = base.get_output_embeddings()(hidden).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)
+    config = base.config
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    cap = getattr(config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def check_head(model, tol: float = 1e-3) -> None:
+    """Refuse an architecture whose forward turns hidden states into logits in a way
+    ``head_logits`` does not reproduce (its scores and training loss would be wrong). One
+    4-token forward, in the model's current mode; dropout sees the same seed in both passes."""
+    from medtune.errors import MedtuneError
+
+    if is_sharded(model):
+        return
+    base = unwrap(model)
+    ids = torch.arange(1, 5, device=_model_device(model))[None] % base.config.vocab_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        torch.manual_seed(0)
+        ours = head_logits(model, decoder(model)(input_ids=ids, use_cache=False).last_hidden_state)
+    worst = float((full - ours).abs().max())
+    if not worst <= tol * max(1.0, float(full.abs().max())):
+        raise MedtuneError(f"{type(base).__name__}: its forward post-processes the logits in a way "
+                           f"medtune's head-only scoring does not reproduce (differs by {worst:.3g}); "
+                           "this architecture is not supported")
 
 
 def decoder(model):
@@ -156,10 +186,7 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
         src_idx[b] = p - 1 + torch.arange(m + 1)  # the prompt's last token, then inner nodes
     if shared:  # every row sees the whole cached prefix
         allowed = torch.cat([torch.ones((batch, width, shared), dtype=torch.bool), allowed], dim=2)
-    dtype = _mask_dtype(model)
-    mask = torch.zeros((batch, 1, width, shared + width), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+    inputs = {"input_ids": ids.to(device), "attention_mask": _masks(model, allowed, pos, shared, device),
               "position_ids": pos.to(device), "use_cache": False}
     if cache is not None:
         cache.batch_repeat_interleave(batch)
@@ -175,6 +202,30 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
     flat = (plan.source * logp.shape[-1] + plan.token).to(device)           # node m in [S * V]
     node_lp = logp.reshape(batch, -1).gather(1, flat.expand(batch, -1)).cpu()  # [B, M]
     return node_lp @ plan.member.T
+
+
+def _masks(model, allowed: torch.Tensor, pos: torch.Tensor, shared: int, device):
+    """Additive 4-D attention mask(s) from the boolean ``allowed`` [B, Q, K]. A custom 4-D mask
+    replaces the model's own, so sliding-window attention is applied here: a query sees keys
+    fewer than ``sliding_window`` positions back, on sliding layers (every layer without
+    ``layer_types``; with them, one mask per layer type, as the model's forward takes them)."""
+    dtype = _mask_dtype(model)
+
+    def additive(ok: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros((ok.shape[0], 1, *ok.shape[1:]), dtype=dtype)
+        return mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min).to(device)
+
+    config = unwrap(model).config
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or [])
+    if not window or (types and "sliding_attention" not in types):
+        return additive(allowed)
+    assert shared == 0, "no prefix cache for sliding-window models (_prefix_cache)"
+    near = (pos[:, :, None] - pos[:, None, :]) < window
+    sliding = additive(allowed & near)
+    if not types:
+        return sliding
+    return {"full_attention": additive(allowed), "sliding_attention": sliding}
 
 
 @functools.lru_cache(maxsize=16)

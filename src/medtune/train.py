@@ -49,6 +49,7 @@ from medtune.model import (
 )
 from medtune.optim import _is_oom, make_optimizer, make_scheduler, param_groups
 from medtune.runlog import drop_metrics_after, plot_losses
+from medtune.scoring import check_head
 from medtune.sft import (
     all_reduce_,
     all_reduce_grads_,
@@ -169,6 +170,7 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         model = attach_lora(model, cfg.lora, quantized=quantized)
     if quantized:
         _keep_4bit_training_layout(model)
+    check_head(model)  # the loss computes the LM head itself: refuse what it cannot reproduce
     if world > 1:
         broadcast_trainable_(model)
         torch.manual_seed(cfg.train.seed + rank)  # independent dropout masks on each rank
