@@ -332,3 +332,11 @@ def test_task_defaults_to_the_models_and_an_explicit_other_task_is_refused(tmp_p
     assert resolve_task(str(plain), "mcqa") == "mcqa"
     with pytest.raises(ConfigError, match=r"task .protocol. given, but .*run was trained for .mcqa."):
         resolve_task(str(run), "protocol")  # was silently replaced by the model's task
+
+
+def test_tied_probabilities_rank_in_label_order(predictor, monkeypatch):
+    n = len(predictor.labels)
+    monkeypatch.setattr(predictor, "scores", lambda texts: torch.zeros((len(texts), n)))
+    rows = predictor.predict_texts(["a", "b"])
+    assert [r["prediction"] for r in rows] == [predictor.labels[0]] * 2
+    assert [lab for lab, _ in rows[0]["top_k"]] == predictor.labels[:len(rows[0]["top_k"])]

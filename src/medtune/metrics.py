@@ -71,8 +71,9 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str],
       left out rather than counted as 0). ``weighted_f1`` weights by gold support.
     - ``confusion``: rows = gold, columns = prediction, both in the order of ``labels`` (also
       returned as ``labels``). Predictions outside the label set do not appear in the matrix;
-      they are counted in ``outside_label_set`` (and always count as wrong). Gold values missing
-      from ``labels`` are appended to it (sorted) and counted in ``gold_outside_label_set``.
+      they are counted in ``outside_label_set`` (wrong unless equal to a gold value that is itself
+      outside the label set). Gold values missing from ``labels`` are appended to it (sorted)
+      and counted in ``gold_outside_label_set``.
     - ``ece``: expected calibration error of the top-1 confidence over 15 equal-width bins,
       ECE = sum_b n_b/n * |accuracy_b - mean_confidence_b|; bin b holds b/15 < c <= (b+1)/15
       (c = 0 goes to the first bin).

@@ -186,7 +186,7 @@ class Predictor:
 
     def _constrained_rows(self, probs: torch.Tensor) -> list[dict[str, Any]]:
         k = min(self.cfg.top_k, len(self.labels))
-        top_p, top_i = probs.sort(-1, descending=True)
+        top_p, top_i = probs.sort(dim=-1, descending=True, stable=True)  # ties: label order
         rows = []
         for p_row, i_row in zip(top_p.tolist(), top_i.tolist(), strict=True):
             confidence = p_row[0]
