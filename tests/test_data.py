@@ -443,3 +443,22 @@ def test_inspect_with_swapped_columns_prints_no_note_as_a_label(tmp_path, capsys
     df = df.rename(columns={"text": "label", "label": "text"})  # the right way round
     render_inspect(inspect_data(notes_csv(tmp_path, df, "right.csv")))
     assert "MRI Brain with and without contrast" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_streamed_prediction_input_knows_its_row_count(tmp_path, suffix):
+    """The progress total: CSV rows with quoted line breaks and blank lines count as the reader
+    reads them."""
+    from medtune.predict_io import iter_records
+
+    df = pd.DataFrame({"text": [f"note {i}\nsecond line" for i in range(7)], "label": ["a"] * 7})
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".parquet":
+        df.to_parquet(path)
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(df.to_json(orient="records", lines=True).splitlines()) + "\n\n")
+    else:
+        df.to_csv(path, index=False, sep="\t" if suffix == ".tsv" else ",")
+        path.write_text(path.read_text() + "\n\n")
+    chunks, total = iter_records(path, chunk_rows=3)
+    assert total == 7 == sum(len(c.texts) for c in chunks)

@@ -82,15 +82,29 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
     if suffix in DELIMITED:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:
             sep = DELIMITED[suffix] or _sniff(fh.readline())
-        return _delimited(path, sep, rows), None
+        return _delimited(path, sep, rows), _count_delimited(path, sep)
     if suffix in JSON_LINES:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:
             head = fh.read(4096).lstrip()
         if head.startswith("["):  # one JSON array: not streamable, read whole
             df = read_table(path)
             return (df.iloc[i:i + rows] for i in range(0, len(df), rows)), len(df)
-        return _json_lines(path, rows), None
+        with open(path, "rb") as fh:  # a progress total: one cheap pass over the lines
+            total = sum(1 for line in fh if line.strip())
+        return _json_lines(path, rows), total
     raise DataError(f"{path}: unknown file format '{suffix}'; supported: {SUPPORTED}")
+
+
+def _count_delimited(path: Path, sep: str) -> int | None:
+    """Data rows of a delimited file by the reader's own rules (a progress total; one pass
+    without building frames); None when the file is malformed (the reader then says where)."""
+    from medtune.data import delimited_rows
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            return max(0, sum(1 for _ in delimited_rows(path, fh, sep)) - 1)
+    except (MedtuneError, UnicodeDecodeError):
+        return None
 
 
 def _delimited(path: Path, sep: str, rows: int) -> Iterator[pd.DataFrame]:
