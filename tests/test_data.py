@@ -437,7 +437,9 @@ def test_inspect_with_swapped_columns_prints_no_note_as_a_label(tmp_path, capsys
     df = pd.DataFrame({"text": ["CT Urography", "MRI Brain with and without contrast"] * 3,
                        "label": [note, note.replace("54", "61")] * 3})
     path = notes_csv(tmp_path, df)
-    render_inspect(inspect_data(path))
+    with pytest.raises(DataError, match="are the text and label columns swapped"):
+        inspect_data(path)
+    render_inspect(inspect_data(path, label_column="label"))  # insisted on: lengths only
     printed = capsys.readouterr().out
     assert "hematuria" not in printed and "characters, not shown" in printed
     df = df.rename(columns={"text": "label", "label": "text"})  # the right way round
@@ -462,3 +464,22 @@ def test_streamed_prediction_input_knows_its_row_count(tmp_path, suffix):
         path.write_text(path.read_text() + "\n\n")
     chunks, total = iter_records(path, chunk_rows=3)
     assert total == 7 == sum(len(c.texts) for c in chunks)
+
+
+def test_swapped_columns_are_refused_before_any_label_is_printed(tmp_path):
+    """Notes in the 'label' column (columns renamed or swapped) would be printed by data inspect
+    and written to the data card and labels.json; an explicit --label-column still reads them."""
+    notes = [f"patient {i} reports worsening pain after a fall, rule out fracture" for i in range(60)]
+    path = tmp_path / "swapped.csv"
+    pd.DataFrame({"text": ["CT Head", "L-Spine"] * 30, "label": notes}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"column 'label' does not look like labels \(60 distinct"):
+        load_labeled(path)
+    assert len(load_labeled(path, label_column="label")) == 60
+    few = tmp_path / "long.csv"  # few rows, but labels as long as notes
+    pd.DataFrame({"text": ["a", "b"], "label": notes[:2]}).to_csv(few, index=False)
+    with pytest.raises(DataError, match="are the text and label columns swapped"):
+        load_labeled(few)
+    many = tmp_path / "many.csv"  # a large label set that is not text: accepted
+    pd.DataFrame({"text": [f"note {i}" for i in range(400)],
+                  "label": [f"code {i % 60}" for i in range(400)]}).to_csv(many, index=False)
+    assert load_labeled(many)["label"].nunique() == 60

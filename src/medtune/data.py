@@ -483,5 +483,23 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
                         "label": df[label].str.strip().to_numpy() if label else ""}, dtype=str)
     checks = {"text": text, "label": label} if label and require_labels else {"text": text}
     out = _handle_empty(out, path, checks, drop_empty)
+    if label and not label_column:  # a column picked by its name: swapped columns leak notes
+        _refuse_text_labels(out["label"], path, label)
     out.attrs.update(task="protocol", text_column=text, label_column=label)
     return out
+
+
+def _refuse_text_labels(labels: pd.Series, path: str | Path, column: str) -> None:
+    """Refuse a label column that holds note text: many distinct values (at least 50 and 30% of
+    the rows) or long ones (more than 8 words on average). Every command would otherwise print
+    or write its "labels" (data inspect's table, the data card, labels.json)."""
+    values = labels[labels != ""]
+    distinct = values.unique()
+    if len(distinct) == 0:
+        return
+    words = sum(len(str(v).split()) for v in distinct) / len(distinct)
+    if (len(distinct) >= 50 and len(distinct) >= 0.3 * len(values)) or words > 8:
+        raise DataError(f"{path}: column '{shown(column)}' does not look like labels "
+                        f"({len(distinct)} distinct values in {len(values)} rows, {words:.1f} "
+                        "words on average): are the text and label columns swapped? Pass "
+                        "--label-column to use it anyway")
