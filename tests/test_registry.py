@@ -185,7 +185,7 @@ def test_resolve_errors(store):
 
         mp.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started"))
         with pytest.raises(MedtuneError, match="not found in the registry"):
-            serve("models:/missing@champion")
+            serve("models:/missing@champion", port=0)
 
 
 def test_model_cache_dirs_are_distinct_for_distinct_names():

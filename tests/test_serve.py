@@ -321,10 +321,26 @@ def test_serve_refuses_a_missing_model_directory_before_starting(tmp_path, monke
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(a))
     with pytest.raises(MedtuneError, match=r"nope: model directory not found"):
-        serve(str(tmp_path / "nope"))
+        serve(str(tmp_path / "nope"), port=0)
     assert started == []
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(MedtuneError, match=r"models:/protocol@champion: no registry here"):
-        serve("models:/protocol@champion")  # was: a live server, never ready
+        serve("models:/protocol@champion", port=0)  # was: a live server, never ready
     assert started == [] and not (tmp_path / "mlruns.db").exists()  # and no empty registry made
+
+
+def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, monkeypatch):
+    import socket
+
+    import uvicorn
+
+    from medtune.serve import serve
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MedtuneError, match=rf"127.0.0.1:{port}: cannot listen there"):
+            serve(str(tmp_path / "not-even-checked"), port=port)

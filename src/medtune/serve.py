@@ -413,6 +413,19 @@ def _check_bind(host: str, api_key: str | None) -> None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
 
 
+def _check_port(host: str, port: int) -> None:
+    """One error line for an address that cannot be listened on (in use, not this machine's)."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise MedtuneError(f"{host}:{port}: cannot listen there ({why})") from None
+
+
 def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           **limits: Any) -> None:
     """Run the service with uvicorn until interrupted (uvicorn's access log off)."""
@@ -423,6 +436,7 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     log.setLevel(logging.INFO)
     api_key = api_key or os.environ.get("MEDTUNE_API_KEY") or None
     _check_bind(host, api_key)
+    _check_port(host, port)  # before any model is loaded or downloaded
     # a typo or a missing registered model fails now, not as a 503 behind a live server
     if isinstance(model, str | Path) and str(model).startswith("models:/"):
         from medtune.registry import resolve_model_uri
