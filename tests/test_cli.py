@@ -109,3 +109,17 @@ def test_missing_base_is_named_as_a_missing_directory_not_a_hub_id(tmp_path, bas
     lines = out.stderr.strip().splitlines()
     assert lines == [f"error: {base}: base model directory not found"], lines
     assert not (tmp_path / "run").exists()
+
+
+def test_full_fine_tuning_of_a_4bit_base_is_refused_before_the_base_is_built(tmp_path):
+    data = tmp_path / "t.csv"
+    pd.DataFrame({"text": TINY_NOTES[:8], "label": ["a", "b"] * 4}).to_csv(data, index=False)
+    env_cache = tmp_path / "cache"
+    out = subprocess.run([sys.executable, "-m", "medtune", "train", "--data", str(data), "-o",
+                          str(tmp_path / "run"), "lora.enabled=false"], capture_output=True,
+                         text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "MEDTUNE_CACHE": str(env_cache)})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: full fine-tuning (lora.enabled=false) needs model.quantization=none"]
+    assert not env_cache.exists()  # no embedded base was built first

@@ -112,3 +112,10 @@ def test_atomic_dir_puts_back_a_version_a_crash_left_between_the_renames(tmp_pat
     with atomic_dir(target) as tmp:
         (tmp / "model.txt").write_text("v2")
     assert (target / "model.txt").read_text() == "v2" and sorted(os.listdir(tmp_path)) == ["merged"]
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "notes.csv").write_text("text,label\n")
+    with pytest.raises(MedtuneError, match=r"cannot be created, .*notes.csv is not a directory"):
+        check_output_dir(tmp_path / "notes.csv" / "run" / "x")
+    assert check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"

@@ -123,6 +123,11 @@ def check_output_dir(path: str | Path, overwrite: bool = False,
                                "choose another output")
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{path}: exists and is not a directory")
+    for parent in path.absolute().parents:  # the first that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise MedtuneError(f"{path}: cannot be created, {parent} is not a directory")
+            break
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise MedtuneError(f"{path}: output directory is not empty (pass --overwrite to replace it)")
     return path

@@ -124,6 +124,8 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         raise MedtuneError(f"{run_dir}: --resume given but no complete checkpoint found")
     if cfg.model.base != "embedded":
         resolve_base(cfg.model.base)  # a missing base fails here, before the data is read
+    if not cfg.lora.enabled and cfg.model.quantization != "none":  # before any base is built
+        raise MedtuneError("full fine-tuning (lora.enabled=false) needs model.quantization=none")
     train_df = _load_split(data, cfg)
     if val:
         val_df = _load_split(val, cfg)
@@ -161,8 +163,6 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
             barrier()
     tokenizer = load_tokenizer(base)
     quantized = cfg.model.quantization != "none"
-    if not cfg.lora.enabled and quantized:
-        raise MedtuneError("full fine-tuning (lora.enabled=false) needs model.quantization=none")
     model = load_base_model(base, cfg.model, tokenizer)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
