@@ -340,3 +340,12 @@ def test_tied_probabilities_rank_in_label_order(predictor, monkeypatch):
     rows = predictor.predict_texts(["a", "b"])
     assert [r["prediction"] for r in rows] == [predictor.labels[0]] * 2
     assert [lab for lab, _ in rows[0]["top_k"]] == predictor.labels[:len(rows[0]["top_k"])]
+
+
+def test_a_note_longer_than_the_model_prints_no_indexing_warning(merged_dir, capfd, caplog):
+    from medtune.model import load_tokenizer
+
+    tok = load_tokenizer(merged_dir)
+    tok.model_max_length = 16  # as a real model's tokenizer says (512, 2048, ...)
+    assert len(tok("pain " * 100)["input_ids"]) > 16  # medtune cuts prompts itself
+    assert "indexing errors" not in capfd.readouterr().err + caplog.text

@@ -99,6 +99,9 @@ def load_tokenizer(path: str | Path):
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|medtune_pad|>"})
     tok.padding_side = "right"
+    # medtune cuts over-long prompts itself (truncate_prompt); transformers' "longer than the
+    # specified maximum ... will result in indexing errors" warning does not apply to it
+    tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tok
 
 
