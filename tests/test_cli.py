@@ -123,3 +123,18 @@ def test_full_fine_tuning_of_a_4bit_base_is_refused_before_the_base_is_built(tmp
     assert out.stderr.strip().splitlines() == [
         "error: full fine-tuning (lora.enabled=false) needs model.quantization=none"]
     assert not env_cache.exists()  # no embedded base was built first
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "--model", "m", "--data", "d.csv", "-o", "o.csv", "--mode", "generate",
+      "--min-confidence", "0.5"], "--min-confidence needs constrained mode"),
+    (["predict", "--model", "m", "--data", "d.csv", "-o", "o.csv", "--snap"],
+     "--snap maps generated answers to labels"),
+    (["train", "--data", "d.csv", "-o", "run", "--resume", "--overwrite"],
+     "--resume continues a run and --overwrite replaces it"),
+])
+def test_options_that_would_be_ignored_are_refused(tmp_path, args, message):
+    out = medtune(*args, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines

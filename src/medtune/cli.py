@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from medtune.cli_bench import bench_app
-from medtune.errors import MedtuneError
+from medtune.errors import ConfigError, MedtuneError
 
 app = typer.Typer(
     add_completion=False,
@@ -200,6 +200,8 @@ def train_cmd(
     from medtune.config import load_config
     from medtune.train import train
 
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
     cfg = load_config(config, overrides)
     if base:
         cfg.model.base = base
@@ -285,6 +287,13 @@ def predict_cmd(
                        ("merge", merge), ("merge_dtype", merge_dtype)):
         if value is not None:
             setattr(cfg.predict, key, value)
+    generate = cfg.predict.mode == "generate"
+    if generate and cfg.predict.min_confidence > 0:
+        raise ConfigError("--min-confidence needs constrained mode: generated answers have no "
+                          "confidence to abstain on")
+    if snap and not generate:
+        raise ConfigError("--snap maps generated answers to labels: it needs --mode generate "
+                          "(constrained answers are always labels)")
     summary = predict_file(
         _local_model(model),
         str(data),
@@ -405,7 +414,9 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Bearer token required on API routes.")
+        str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Bearer token required on API "
+                                 "routes. Prefer setting MEDTUNE_API_KEY: a value on the command "
+                                 "line shows in `ps` to every user of the machine.")
     ] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger: 413.", min=1)] = 1_000_000,
     max_note_chars: Annotated[int, typer.Option(help="Longest note; longer: 422.", min=1)] = 20_000,
