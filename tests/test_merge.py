@@ -373,3 +373,13 @@ def test_merge_requantizes_as_training_did(qlora_run, tiny_base, tmp_path):
     codes_differ = deq["bf16"] - deq["fp32"]
     assert codes_differ.abs().max() > 1e-4  # the two quantizations really differ here
     torch.testing.assert_close(merged["bf16"] - merged["fp32"], codes_differ, atol=1e-6, rtol=0)
+
+
+def test_merge_names_what_is_wrong_with_its_input(merged_dir, tmp_path):
+    (tmp_path / "notes.csv").write_text("text,label\n")
+    for source, message in ((tmp_path / "missing", "run directory not found"),
+                            (tmp_path / "notes.csv", "is a file, not a run directory"),
+                            (merged_dir, "already a merged model")):
+        with pytest.raises(MedtuneError, match=message):
+            merge(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ import torch
 from medtune.config import ModelConfig
 from medtune.errors import MedtuneError
 from medtune.fsutil import atomic_dir, check_output_dir, write_json
-from medtune.model import DTYPES, as_trained, load_base_model, load_tokenizer, read_meta
+from medtune.model import DTYPES, as_trained, load_base_model, load_tokenizer, model_dir, read_meta
 from medtune.tasks import Template
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
@@ -87,8 +87,10 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     was trained on; ``'original'`` merges into the original full-precision checkpoint."""
     from peft import PeftModel
 
-    run_dir = Path(run_dir)
+    run_dir = model_dir(run_dir, "run directory")
     meta = read_meta(run_dir)
+    if meta.get("kind") == "merged":
+        raise MedtuneError(f"{run_dir}: already a merged model (no adapter to merge)")
     if meta.get("kind") != "run" or not (run_dir / "adapter").is_dir():
         raise MedtuneError(f"{run_dir}: not a finished LoRA run directory (no adapter/ or medtune.json)")
     if dtype not in DTYPES:

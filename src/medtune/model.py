@@ -68,6 +68,16 @@ def resolve_base(base: str) -> str:
     return _local_or_hub(base, "base model directory")
 
 
+def model_dir(path: str | Path, what: str = "model directory") -> Path:
+    """``path`` as an existing directory, else one error naming what is wrong with it."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MedtuneError(f"{path}: {what} not found")
+    if not p.is_dir():
+        raise MedtuneError(f"{path}: is a file, not a {what}")
+    return p
+
+
 def _local_or_hub(name: str | Path, what: str) -> str:
     """An existing local path, or something shaped like a hub id ('org/name'); anything else is
     a missing local path (and gets that message, not the hub's repo-id rules)."""
@@ -249,9 +259,7 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
     from medtune.tasks import default_template
 
     cfg = cfg or ModelConfig()
-    path = Path(path)
-    if not path.is_dir():
-        raise MedtuneError(f"{path}: model directory not found")
+    path = model_dir(path)
     meta = read_meta(path)
     kind = meta.get("kind")
     if kind == "run":

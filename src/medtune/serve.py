@@ -442,8 +442,10 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         from medtune.registry import resolve_model_uri
 
         resolve_model_uri(str(model))  # downloads into the cache; the loader finds it there
-    elif isinstance(model, str | Path) and not Path(model).is_dir():
-        raise MedtuneError(f"{model}: model directory not found")
+    elif isinstance(model, str | Path):
+        from medtune.model import model_dir
+
+        model_dir(model)
     app = create_app(model, api_key=api_key, **limits)
     uvicorn.run(app, host=host, port=port, access_log=False, server_header=False,
                 log_level="info")

@@ -20,6 +20,7 @@ from typing import Any
 
 from medtune.config import ModelConfig, PredictConfig
 from medtune.errors import MedtuneError
+from medtune.model import model_dir
 
 _PREDICTORS: dict[tuple, Any] = {}  # per worker process: key -> Predictor
 RESULT_COLUMNS = ("prediction", "confidence", "abstained", "top_k", "raw_output", "in_label_set",
@@ -94,9 +95,7 @@ def predict_spark_df(df, model: str, *, text_col: str = "text", cfg: PredictConf
     clash = [c for c in RESULT_COLUMNS if c in df.columns]
     if clash:
         raise MedtuneError(f"Spark DataFrame already has column(s) {', '.join(clash)}")
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise MedtuneError(f"{model}: model directory not found")
+    path = model_dir(model)
     fields = [StructField("prediction", StringType()), StructField("confidence", DoubleType()),
               StructField("abstained", BooleanType()), StructField("top_k", StringType())]
     if cfg.mode == "generate":
@@ -159,8 +158,7 @@ def predict_file_spark(model: str, data: str, output: str, cfg: PredictConfig, *
     from medtune.predict import resolve_task, stream_predictions
 
     task = resolve_task(model, task)
-    if not Path(model).expanduser().is_dir():
-        raise MedtuneError(f"{model}: model directory not found")
+    model_dir(model)
     created = [False]
 
     def make_fn():
