@@ -52,11 +52,14 @@ IDENTIFIERS = [
     ("lives at 42 Oak Street, Apt 4B, Springfield, IL 62704", "Oak Street", "[ADDRESS]"),
     ("lives at 42 Oak Street, Springfield, IL 62704", "Springfield", "[ADDRESS]"),
     ("Springfield, IL 62704", "62704", "[ZIP]"),
+    ("lives at 42 Oak Street, Springfield 02139, pain", "02139", "[ADDRESS]"),  # no state
+    ("fell at 4 Elm Ave., Apt 2, North Andover 01845.", "Andover", "[ADDRESS]"),
     ("mailing address PO Box 1234", "Box 1234", "[ADDRESS]"),
     ("zip 60611-1234", "60611", "[ZIP]"),
 ]
 
 CLINICAL = [
+    "Pain on Main St since Monday, WBC 12000 on 3 occasions.",
     "MRI L-spine: L4-L5 disc herniation, T2 weighted hyperintensity.",
     "CT A/P with contrast, 100 mL IV.", "Metoprolol 5 mg IV.", "70 yo M with CAD.",
     "89 yo F, lives alone.", "BP 120/80, HR 95, SpO2 92%.", "5/10 pain, now 3/10.",

@@ -179,6 +179,11 @@ def _p(regex: str, kind: str, group: int = 0, flags: int = 0, check: Check | Non
     return re.compile(regex, flags), kind, group, check
 
 
+_STREET_TYPE = (r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|"
+                r"Place|Pl|Terrace|Ter|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|"
+                r"Loop)\b\.?")
+_UNIT = r"(?:,?\s+(?:Apt|Apartment|Suite|Ste|Unit|Rm|Room|Fl|Floor|#)\.?\s*#?\s*[A-Za-z0-9-]+)?"
+
 PATTERNS: list[Pattern] = [
     # repetitions are bounded everywhere: a 1 MB field of "1.1.1.1..." must not go quadratic
     _p(r"\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b",
@@ -227,10 +232,10 @@ PATTERNS: list[Pattern] = [
     _p(r"\b(?i:zip|zip code|zipcode|postal code)\s*:?\s*(\d{5}(?:-\d{4})?)\b", "ZIP", 1),
     _p(r"(?<![\d-])\d{5}-\d{4}(?![\d-])", "ZIP"),
     _p(r"\b\d{1,6}\s+(?:[NSEW]\.?\s+)?(?:(?:[A-Z][A-Za-z'-]*|\d{1,3}(?:st|nd|rd|th))\.?\s+){1,4}"
-       r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|"
-       r"Terrace|Ter|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Loop)\b\.?"
-       r"(?:,?\s+(?:Apt|Apartment|Suite|Ste|Unit|Rm|Room|Fl|Floor|#)\.?\s*#?\s*[A-Za-z0-9-]+)?",
-       "ADDRESS"),
+       + _STREET_TYPE + _UNIT, "ADDRESS"),
+    # the city and ZIP code after a street address, without a state: "..., Springfield 02139"
+    _p(r"\b" + _STREET_TYPE + _UNIT + r",?\s+([A-Z][a-z]+(?:\s[A-Z][a-z]+){0,2},?\s+\d{5}(?:-\d{4})?)\b",
+       "ADDRESS", 1),
     _p(r"\b(?i:p\.?\s?o\.?\s+box)\s+\d+\b", "ADDRESS"),
     _p(r"\b([A-Z][a-z]+(?:\s[A-Z][a-z]+){0,2}),\s+" + STATE_RE + r"\b(?=,?\s+\d{5}\b)",
        "ADDRESS", 1),
