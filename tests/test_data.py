@@ -16,11 +16,11 @@ from medtune.data import (
     inspect_data,
     load_labeled,
     normalize_text,
-    read_table,
     render_inspect,
     split_data,
 )
 from medtune.errors import DataError, MedtuneError
+from medtune.tables import read_table
 
 BODY_PARTS = ["Knee MRI", "Wrist XR", "Ankle CT"]
 

@@ -196,37 +196,8 @@ def test_loss_and_validation_match_and_only_rank0_wrote(runs, case):
     assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
 
 
-def test_fsdp_run_was_sharded_and_resumes_to_the_same_adapter(runs, tiny_base, tmp_path):
-    import json
-    import shutil
-
-    multi, _, _ = runs["fsdp"]
-    assert json.loads((multi / "medtune.json").read_text())["sharded"] is True
-    assert json.loads((runs["nf4"][0] / "medtune.json").read_text())["sharded"] is False
-    # resume the sharded run from its step-2 checkpoint (torchrun + train.fsdp=true this time)
-    again = tmp_path / "again"
-    shutil.copytree(multi, again)
-    for stale in ("checkpoints/step-0000004", "adapter", "medtune.json"):
-        path = again / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    data, val = multi.parent / "train13.csv", multi.parent / "val.csv"
-    overrides = [f"model.base={tiny_base}", "model.quantization=nf4", *COMMON, "train.fsdp=true"]
-    proc = _launch("torchrun", 2, ["--data", str(data), "--val", str(val), "--output", str(again),
-                                   "--resume", *overrides], tmp_path / "resume.log")
-    try:
-        code = proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    assert "resuming from step-0000002" in (tmp_path / "resume.log").read_text()
-    a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
-
-
 def _run_launch(launcher: str, args: list[str], log: Path) -> None:
+    """Two processes to the end (killed with their ranks after 180 s); exit code 0 expected."""
     proc = _launch(launcher, 2, args, log)
     try:
         code = proc.wait(timeout=180)
@@ -237,23 +208,46 @@ def _run_launch(launcher: str, args: list[str], log: Path) -> None:
     assert code == 0, log.read_text()[-3000:]
 
 
+def _resumable_copy(run: Path, to: Path) -> Path:
+    """``run`` as it was after its step-2 checkpoint: later checkpoint and outputs removed."""
+    import shutil
+
+    shutil.copytree(run, to)
+    for stale in ("checkpoints/step-0000004", "adapter", "medtune.json"):
+        path = to / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return to
+
+
+def test_fsdp_run_was_sharded_and_resumes_to_the_same_adapter(runs, tiny_base, tmp_path):
+    import json
+
+    multi, _, _ = runs["fsdp"]
+    assert json.loads((multi / "medtune.json").read_text())["sharded"] is True
+    assert json.loads((runs["nf4"][0] / "medtune.json").read_text())["sharded"] is False
+    # resume the sharded run from its step-2 checkpoint (torchrun + train.fsdp=true this time)
+    again = _resumable_copy(multi, tmp_path / "again")
+    data, val = multi.parent / "train13.csv", multi.parent / "val.csv"
+    overrides = [f"model.base={tiny_base}", "model.quantization=nf4", *COMMON, "train.fsdp=true"]
+    _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(again),
+                             "--resume", *overrides], tmp_path / "resume.log")
+    assert "resuming from step-0000002" in (tmp_path / "resume.log").read_text()
+    a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
 def test_two_process_resume_with_dropout_restores_each_ranks_random_stream(runs, tiny_base,
                                                                           tmp_path):
     """With LoRA dropout every rank draws its own masks; a checkpoint used to keep only rank 0's
     RNG state, so after --resume both ranks drew the same masks and the adapter differed."""
-    import shutil
-
     data, val = runs["nf4"][0].parent / "train13.csv", runs["nf4"][0].parent / "val.csv"
     overrides = [f"model.base={tiny_base}", "model.quantization=nf4", *COMMON, "lora.dropout=0.3",
                  "train.eval_every=0"]
     whole = tmp_path / "whole"
     _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(whole),
                              *overrides], tmp_path / "whole.log")
-    again = tmp_path / "again"
-    shutil.copytree(whole, again)
-    for stale in ("checkpoints/step-0000004", "adapter", "medtune.json"):
-        path = again / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    again = _resumable_copy(whole, tmp_path / "again")
     _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(again),
                              "--resume", *overrides], tmp_path / "again.log")
     assert "resuming from step-0000002" in (tmp_path / "again.log").read_text()

@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from conftest import TINY_LABELS
 from medtune.config import PredictConfig
-from medtune.data import load_labeled, read_table
+from medtune.data import load_labeled
 from medtune.errors import MedtuneError
 from medtune.predict_io import iter_records
+from medtune.tables import read_table
 
 LIMIT = 2_000  # max_field_bytes in these tests: "huge" fields stay cheap
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,

@@ -121,7 +121,7 @@ def _row(table: Table, *cells: Any) -> None:
 def _label(label: str) -> str:
     """A label as printed: protocol names pass ("MRI Brain with and without contrast"), text
     long enough to be a note (swapped columns) is replaced by its length."""
-    from medtune.data import shown
+    from medtune.tables import shown
 
     return shown(label, limit=80, words=10)
 

@@ -108,8 +108,9 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     full_cfg = ModelConfig(quantization="none", compute_dtype=dtype, device="cpu")
     base = load_base_model(meta["base"], full_cfg, tokenizer)
     quantized = meta.get("quantization", "none") != "none"
+    qcfg = as_trained(meta, ModelConfig(device="cpu"))  # the 4-bit base exactly as trained
     if quantized and source == "dequantized":
-        qbase = load_base_model(meta["base"], as_trained(meta, ModelConfig(device="cpu")), tokenizer)
+        qbase = load_base_model(meta["base"], qcfg, tokenizer)
         dequantize_into(base, qbase)
         del qbase
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
@@ -121,8 +122,8 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     if diff > tol:
         raise MedtuneError(f"merged model differs from base+adapter by {diff:.3g} > tolerance {tol}")
     diff_4bit = None
-    if meta.get("quantization", "none") != "none":
-        qbase = load_base_model(meta["base"], as_trained(meta, ModelConfig(device="cpu")), tokenizer)
+    if quantized:
+        qbase = load_base_model(meta["base"], qcfg, tokenizer)
         qmodel = PeftModel.from_pretrained(qbase, str(run_dir / "adapter")).eval()
         diff_4bit = float((_logits(qmodel, batch) - got).abs().max())
         del qmodel, qbase

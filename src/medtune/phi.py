@@ -348,8 +348,8 @@ def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None 
 
     Returns counts (rows, rows changed, spans per type); never any text.
     """
-    from medtune.data import read_table
     from medtune.synth import write_table_by_extension
+    from medtune.tables import read_table
 
     path, output = Path(path), Path(output)
     check_output_file(output, overwrite)

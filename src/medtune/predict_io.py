@@ -34,7 +34,7 @@ class Chunk:
 def _cell(value: Any, where: str) -> str:
     """A cell as text, by ``medtune.data``'s rules (a JSON/Parquet true reads "true", as the
     labels a model was trained on did)."""
-    from medtune.data import _as_str
+    from medtune.tables import _as_str
 
     if isinstance(value, bytes):
         try:
@@ -46,7 +46,7 @@ def _cell(value: Any, where: str) -> str:
 
 def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | None]:
     """String DataFrames of ``rows`` rows each, and the row count when the format knows it."""
-    from medtune.data import DELIMITED, JSON_LINES, PARQUET, SUPPORTED, _sniff, read_table, shown
+    from medtune.tables import DELIMITED, JSON_LINES, PARQUET, SUPPORTED, _sniff, read_table, shown
 
     suffix = path.suffix.lower()
     if not path.is_file():
@@ -98,7 +98,7 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
 def _count_delimited(path: Path, sep: str) -> int | None:
     """Data rows of a delimited file by the reader's own rules (a progress total; one pass
     without building frames); None when the file is malformed (the reader then says where)."""
-    from medtune.data import delimited_rows
+    from medtune.tables import delimited_rows
 
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
@@ -110,7 +110,7 @@ def _count_delimited(path: Path, sep: str) -> int | None:
 def _delimited(path: Path, sep: str, rows: int) -> Iterator[pd.DataFrame]:
     """A delimited file in DataFrames of ``rows`` rows, by training's rules
     (``medtune.data.delimited_rows``), read a line at a time: memory stays bounded."""
-    from medtune.data import delimited_rows
+    from medtune.tables import delimited_rows
 
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
@@ -129,7 +129,7 @@ def _delimited(path: Path, sep: str, rows: int) -> Iterator[pd.DataFrame]:
 
 
 def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:
-    from medtune.data import parse_json
+    from medtune.tables import parse_json
 
     batch: list[dict[str, Any]] = []
     places: list[str] = []
@@ -153,7 +153,7 @@ def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:
 
 
 def _records_frame(items: list[dict[str, Any]], places: list[str]) -> pd.DataFrame:
-    from medtune.data import nested_places
+    from medtune.tables import nested_places
 
     columns: dict[str, None] = {}
     for item in items:
@@ -169,7 +169,8 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     """Stream ``data`` as Chunks. Columns are found (and checked) on the first chunk, so a bad
     file fails before any model is loaded. Ids: the ``id`` column, else the row number from 0
     (as ``data.load_labeled``)."""
-    from medtune.data import TASKS, _find_column, _parse_cop, refuse_nested, shown
+    from medtune.data import TASKS, _find_column, _parse_cop
+    from medtune.tables import refuse_nested, shown
     from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
     from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 

@@ -146,7 +146,7 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
                                f"vs {len(started or [])}); --resume needs the data the run started with")
     unseen = sorted(set(val_df["label"]) - set(labels))
     if unseen:
-        from medtune.data import shown  # a label column holding notes must not print them
+        from medtune.tables import shown  # a label column holding notes must not print them
 
         listed = [shown(u) for u in unseen[:20]] + (["..."] if len(unseen) > 20 else [])
         print(f"warning: {len(unseen)} validation label(s) unseen in training: {listed}",
