@@ -72,10 +72,19 @@ def test_resume_after_crash_matches_uninterrupted_run(run_a, tiny_base, data, tm
     assert [p.name for p in ckpt.complete_checkpoints(run_b)] == [f"step-{K:07d}"]
     assert not (run_b / "adapter").exists()
     at_k = load_file(str(run_b / "checkpoints" / f"step-{K:07d}" / "trainable.safetensors"))
+    # the checkpoint records the training time so far; pretend the first process took 1000 s
+    state_file = run_b / "checkpoints" / f"step-{K:07d}" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert 0 < state["elapsed_s"] < 1000
+    state_file.write_text(json.dumps({**state, "elapsed_s": 1000.0}))
 
     train(run_cfg(tiny_base), data, run_b, val=data, progress=False, resume=True)
     rows = [json.loads(x) for x in (run_b / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, N + 1))  # no stale rows
+    # time adds up over the resume instead of restarting from zero
+    assert all(r["elapsed_s"] > 1000 for r in rows if r.get("step", 0) > K and "loss" in r)
+    summary = json.loads((run_b / "medtune.json").read_text())["summary"]
+    assert 1000 < summary["train_seconds"] < 1000 + 600
     final_a, final_b = adapter(run_a), adapter(run_b)
     assert max_diff(final_a, final_b) < 1e-5
     # not vacuous: the resumed run really trained past step K

@@ -308,6 +308,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     from medtune.progress import make_progress
 
     t0, tok_window, last = time.time(), 0, resumed  # resumed: a run killed after its last step
+    before = float(state.get("elapsed_s", 0.0))  # training time spent before the resume
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
         with make_progress("train", TextColumn("[bold]train"), BarColumn(),
@@ -361,11 +362,12 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 tok_window += int(summed[1].item())
-                elapsed = time.time() - t0
+                elapsed = time.time() - t0  # this process's; tokens/s counts this process's tokens
                 lr = scheduler.get_last_lr()[0]
                 bar.update(task, completed=done, loss=loss, lr=lr, tps=tok_window / max(elapsed, 1e-9))
                 last = {"step": done, "epoch": round(done / spe, 4), "loss": loss, "lr": lr,
-                        "tokens_per_s": tok_window / max(elapsed, 1e-9), "elapsed_s": elapsed}
+                        "tokens_per_s": tok_window / max(elapsed, 1e-9),
+                        "elapsed_s": before + elapsed}
                 if done % max(1, tc.log_every) == 0 or done == total:
                     _log(s, last, callbacks)
                 if (tc.eval_every and done % tc.eval_every == 0) or done == total:
@@ -383,7 +385,8 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                     if s.rank == 0:
                         ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
                                              {"epoch": epoch, "micro_batch_size": micro,
-                                              "config": s.meta["config"]},
+                                              "config": s.meta["config"],
+                                              "elapsed_s": before + time.time() - t0},
                                              keep=tc.keep_checkpoints, full=full, rng=rng)
                 if halt:
                     barrier()  # no rank exits (and gets the others killed) mid-checkpoint
@@ -391,7 +394,8 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    return last
+    # training time over every process that worked on this run (a resume adds to it)
+    return {**last, "train_seconds": round(before + time.time() - t0, 2)}
 
 
 def _main_thread() -> bool:
@@ -437,13 +441,11 @@ def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     if s.rank == 0:
         s.template.save(s.run_dir)
         write_json(s.run_dir / "labels.json", {"task": cfg.data.task, "labels": s.labels})
-    t0 = time.time()
     try:
         summary = fit(s, resume=resume, progress=progress, callbacks=callbacks)
     except Interrupted as stopped:
         raise MedtuneError(f"interrupted: checkpoint saved at step {stopped.args[0]}; "
                            f"continue with --resume") from None
-    summary["train_seconds"] = round(time.time() - t0, 2)
     out = save(s, summary)
     barrier()
     end_distributed()
