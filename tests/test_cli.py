@@ -138,3 +138,19 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, args, message):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys, tmp_path):
+    # typer turns KeyboardInterrupt into a silent exit 130; the user must see why it stopped
+    import medtune.data
+    from medtune import cli
+
+    def pressed_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medtune.data, "inspect_data", pressed_ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["medtune", "data", "inspect", str(tmp_path / "x.csv")])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted")

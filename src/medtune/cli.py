@@ -461,9 +461,14 @@ def main() -> None:
         where = exc.filename if exc.filename is not None else "?"
         print(f"error: {where}: {exc.strerror}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside typer's reach (e.g. while importing)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:  # typer turns Ctrl-C into a silent exit 130
+        if exc.code == 130:
+            print("interrupted (outputs are written whole or not at all: nothing half-written "
+                  "was left)", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":
