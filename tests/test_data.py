@@ -483,3 +483,11 @@ def test_swapped_columns_are_refused_before_any_label_is_printed(tmp_path):
     pd.DataFrame({"text": [f"note {i}" for i in range(400)],
                   "label": [f"code {i % 60}" for i in range(400)]}).to_csv(many, index=False)
     assert load_labeled(many)["label"].nunique() == 60
+
+
+def test_split_with_val_fraction_zero_writes_no_val_file(tmp_path):
+    path = notes_csv(tmp_path, notes_frame(per_label=10))
+    card = split_data(path, tmp_path / "out", cfg(val_fraction=0.0))
+    assert card["split_sizes"]["val"] == 0 and card["split_sizes"]["test"] > 0
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.csv"))
+    assert written == ["test.csv", "train.csv"]  # not a header-only val.csv train --val rejects

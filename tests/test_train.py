@@ -421,3 +421,13 @@ def test_unknown_lora_target_module_is_one_line_error(tiny_base, two_label_data,
         train(cfg, two_label_data, tmp_path / "run", progress=False)
     assert "\n" not in str(info.value) and "foo_proj" in str(info.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_val_fraction_zero_trains_on_every_row_without_validation(tiny_base, two_label_data,
+                                                                  tmp_path):
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=2",
+                   "data.val_fraction=0", "train.eval_every=1")
+    run = train(cfg, two_label_data, tmp_path / "run", progress=False)
+    meta = json.loads((run / "medtune.json").read_text())
+    assert meta["train_rows"] == 16 and meta["val_rows"] == 0
+    assert "val_accuracy" not in (run / "metrics.jsonl").read_text()

@@ -59,7 +59,8 @@ class DataConfig:
     label_column: str | None = _f(None, "Label column; detected among common names when unset.")
     min_count: int = _f(50, "Protocol task: drop labels with fewer examples than this before "
                             "splitting (MCQA keeps all four letters).", ge=0)
-    val_fraction: float = _f(0.1, "Fraction of rows for the validation split.", ge=0, lt=1)
+    val_fraction: float = _f(0.1, "Fraction of rows for the validation split (0: none; "
+                              "train then runs without validation).", ge=0, lt=1)
     test_fraction: float = _f(0.1, "Fraction of rows for the test split.", ge=0, lt=1)
     seed: int = _f(0, "Seed for splitting and shuffling.", ge=0, le=2**32 - 1)
     max_field_bytes: int = _f(1_000_000, "Reject any field larger than this many bytes.", ge=1)

@@ -191,8 +191,9 @@ def split_data(path: str | Path, output: str | Path, cfg: DataConfig, *, overwri
         labels = {"task": cfg.task, "labels": sorted(card["labels_kept"]),
                   "counts": card["labels_kept"]}
         with atomic_dir(output) as tmp:
-            for split in SPLITS:
-                frames[split][columns].to_csv(tmp / f"{split}.csv", index=False)
+            for split in SPLITS:  # a split set to 0 (data.val_fraction=0) gets no file
+                if len(frames[split]):
+                    frames[split][columns].to_csv(tmp / f"{split}.csv", index=False)
             write_json(tmp / "labels.json", labels)
             write_json(tmp / "data_card.json", card)
             write_text(tmp / "data_card.md", card_markdown(card))

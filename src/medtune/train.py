@@ -94,8 +94,10 @@ def _load_split(path: str, cfg: Config):
 
 
 def _split_val(df, cfg: Config):
-    """No --val: hold out a seeded slice of the training file for validation."""
-    n_val = max(1, int(len(df) * cfg.data.val_fraction))
+    """No --val: hold out a seeded slice of the training file for validation (none when
+    data.val_fraction=0: training then runs without validation)."""
+    frac = cfg.data.val_fraction
+    n_val = max(1, int(len(df) * frac)) if frac > 0 else 0
     shuffled = df.sample(frac=1.0, random_state=cfg.data.seed)
     return shuffled.iloc[n_val:], shuffled.iloc[:n_val]
 
