@@ -154,3 +154,14 @@ def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys, tmp_path):
         cli.main()
     assert stopped.value.code == 130
     assert capsys.readouterr().err.startswith("interrupted")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "-3"], "error: --n: must be >= 0, got -3"),
+    (["--imbalance", "-1"], "error: --imbalance: must be >= 0, got -1.0"),
+    (["--label-noise", "2"], "error: --label-noise: must be in [0, 1], got 2.0"),
+])
+def test_synth_errors_name_the_option_as_typed(tmp_path, args, message):
+    out = medtune("data", "synth", *args, "-o", str(tmp_path / "s.csv"))
+    assert out.returncode == 2 and out.stderr.strip() == message
+    assert not (tmp_path / "s.csv").exists()

@@ -144,6 +144,10 @@ def data_synth(
     """Generate synthetic protocol notes or MedMCQA-style questions (deterministic per seed)."""
     from medtune.synth import write_synth
 
+    for flag, value, ok, rule in (("--n", n, n >= 0, ">= 0"), ("--imbalance", imbalance, imbalance >= 0, ">= 0"),
+                                  ("--label-noise", label_noise, 0 <= label_noise <= 1, "in [0, 1]")):
+        if not ok:  # named as typed (the library's own checks name its arguments)
+            raise ConfigError(f"{flag}: must be {rule}, got {value}")
     path = write_synth(task, n, output, seed=seed, imbalance=imbalance, label_noise=label_noise, overwrite=overwrite)
     print(f"wrote {n} {task} rows to {path}")
 

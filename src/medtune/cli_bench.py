@@ -30,8 +30,9 @@ def bench_train_cmd(
              "logits).")] = "medtune,trl,trl_fp32,baseline",
     overwrite: Overwrite = False,
 ) -> None:
-    """medtune's trainer vs TRL's SFTTrainer and a full-logits loop: tokens/s, step time, peak
-    memory against its floor, loss."""
+    """medtune's trainer vs TRL's SFTTrainer and a full-logits loop: tokens/s, memory, loss.
+
+    Also step time and peak memory against its theoretical floor."""
     from medtune.bench import bench_train
 
     bench_train(output, steps=steps, vocab=vocab, arch=arch, layers=layers, batch_size=batch_size,
