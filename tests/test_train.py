@@ -431,3 +431,26 @@ def test_val_fraction_zero_trains_on_every_row_without_validation(tiny_base, two
     meta = json.loads((run / "medtune.json").read_text())
     assert meta["train_rows"] == 16 and meta["val_rows"] == 0
     assert "val_accuracy" not in (run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("task", ["protocol", "mcqa"])
+def test_an_over_long_prompt_is_cut_in_training_exactly_as_prediction_cuts_it(fp32_model, task):
+    from medtune.scoring import label_rows
+    from medtune.tasks.mcqa import LETTERS
+
+    _, tok = fp32_model
+    labels = LETTERS if task == "mcqa" else TINY_LABELS
+    template = default_template(task, tok, labels)
+    long_note = " ".join(TINY_NOTES) * 4
+    shortest = min(labels, key=lambda lab: len(template.answer_ids(tok, lab)))
+    seen: list[list[int]] = []
+
+    def record(fn, prompts):  # label_rows' batching hook: keep the prompts, score nothing
+        seen.extend(prompts)
+        return [torch.zeros(len(labels)) for _ in prompts]
+
+    label_rows(None, tok, template, [long_note], labels,
+               [template.answer_ids(tok, lab) for lab in labels], 40, record, {})
+    (e,) = encode_examples(template, tok, [long_note], [shortest], 40, labels)
+    assert len(e.input_ids) <= 40 and len(seen) == 1
+    assert e.input_ids[:e.n_prompt] == seen[0]  # the model trains on the prompt it is scored on

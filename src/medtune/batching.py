@@ -26,15 +26,27 @@ class Example:
 
 
 def encode_examples(template, tokenizer, texts: Sequence[str], answers: Sequence[str],
-                    max_length: int) -> list[Example]:
+                    max_length: int, labels: Sequence[str] | None = None) -> list[Example]:
+    """prompt + answer (+ EOS) per row, at most ``max_length`` tokens. An over-long prompt loses
+    its middle exactly as prediction cuts it (``scoring.label_rows``): room is kept for the
+    longest answer (of ``labels``, the whole label set, when given; MCQA: the longest choice +
+    EOS), so the model trains on the very prompts it is later scored on."""
     out = []
     if template.task == "mcqa":  # lm-eval's tokenization: context + " A" encoded jointly
         for text, answer in zip(texts, answers, strict=True):
             ctx, conts = choice_ids(tokenizer, template, text, LETTERS)
             ans = [*conts[LETTERS.index(answer)], tokenizer.eos_token_id]
-            ctx = truncate_prompt(ctx, max(8, max_length - len(ans)))
+            ctx = truncate_prompt(ctx, max(8, max_length - max(map(len, conts)) - 1))
             out.append(Example(input_ids=ctx + ans, n_prompt=len(ctx)))
         return out
+    longest = max((len(template.answer_ids(tokenizer, lab)) for lab in labels), default=0) \
+        if labels else 0
+    for text, answer in zip(texts, answers, strict=True):
+        ans = template.answer_ids(tokenizer, answer)
+        room = max(8, max_length - max(len(ans), longest))
+        prompt = truncate_prompt(template.prompt_ids(tokenizer, text), room)
+        out.append(Example(input_ids=prompt + ans, n_prompt=len(prompt)))
+    return out
     for text, answer in zip(texts, answers, strict=True):
         ans = template.answer_ids(tokenizer, answer)
         prompt = truncate_prompt(template.prompt_ids(tokenizer, text), max(8, max_length - len(ans)))

@@ -170,7 +170,8 @@ def _examples(spec: dict[str, Any], tok, template, max_length: int) -> list[Exam
     from medtune.batching import encode_examples
 
     df = pd.read_csv(spec["data"])
-    return encode_examples(template, tok, list(df["text"]), list(df["label"]), max_length)
+    return encode_examples(template, tok, list(df["text"]), list(df["label"]), max_length,
+                           spec["labels"])
 
 
 def _cosine(step: int, warm: int, total: int) -> float:

@@ -308,7 +308,8 @@ def label_rows(model, tokenizer, template, texts: Sequence[str], labels: Sequenc
     protocol: template prompt + ``label_ids`` (each label's tokens + EOS). mcqa: lm-eval's rule
     (``choice_ids``: context and letter encoded as one string); prompts whose choices tokenize
     alike share passes. Prompts longer than ``limit`` lose their middle so the longest label
-    still fits. ``run(fn, prompts)`` batches (``Predictor.batched``, ``in_batches``)."""
+    (MCQA: choice + EOS) still fits, as in training. ``run(fn, prompts)`` batches
+    (``Predictor.batched``, ``in_batches``)."""
     pad = tokenizer.pad_token_id
     if template.task != "mcqa":
         cut = None if limit is None else max(8, limit - max(len(ids) for ids in label_ids))
@@ -322,7 +323,8 @@ def label_rows(model, tokenizer, template, texts: Sequence[str], labels: Sequenc
         groups.setdefault(tuple(map(tuple, conts)), []).append(i)
     rows: list[Any] = [None] * len(texts)
     for conts, idx in groups.items():
-        cut = None if limit is None else max(8, limit - max(len(c) for c in conts))
+        # room for the longest choice + the EOS training appends (batching.encode_examples)
+        cut = None if limit is None else max(8, limit - max(len(c) for c in conts) - 1)
         prompts = [truncate_prompt(pairs[i][0], cut) for i in idx]
         scored = run(lambda b, c=conts: list(score_tree(model, b, c, pad, memo)), prompts)
         for i, row in zip(idx, scored, strict=True):

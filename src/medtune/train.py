@@ -183,7 +183,7 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
             fsdp.note_single_process()
     template = default_template(cfg.data.task, tokenizer, labels, cfg.model.template)
     enc = [encode_examples(template, tokenizer, list(df["text"]), list(df["label"]),
-                           cfg.train.max_length) for df in (train_df, val_df)]
+                           cfg.train.max_length, labels) for df in (train_df, val_df)]
     if rank == 0 and not resume:
         _fresh_run_dir(run_dir, overwrite)
     meta = {"kind": "run" if cfg.lora.enabled else "merged", "base": base, "task": cfg.data.task,
