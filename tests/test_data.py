@@ -491,3 +491,11 @@ def test_split_with_val_fraction_zero_writes_no_val_file(tmp_path):
     assert card["split_sizes"]["val"] == 0 and card["split_sizes"]["test"] > 0
     written = sorted(p.name for p in (tmp_path / "out").glob("*.csv"))
     assert written == ["test.csv", "train.csv"]  # not a header-only val.csv train --val rejects
+
+
+def test_split_refuses_an_output_holding_its_input_even_with_overwrite(tmp_path):
+    path = notes_csv(tmp_path, notes_frame(per_label=10))
+    before = Path(path).read_bytes()
+    with pytest.raises(MedtuneError, match="is or contains the input"):
+        split_data(path, tmp_path, cfg(), overwrite=True)
+    assert Path(path).read_bytes() == before and not (tmp_path / "train.csv").exists()
