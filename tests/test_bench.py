@@ -89,7 +89,7 @@ def test_arch_presets_have_the_published_sizes():
         arch_config("gpt-5")
 
 
-def test_bench_train_arch_row(tmp_path, monkeypatch):
+def test_bench_train_arch_row(tmp_path, monkeypatch, capsys):
     """An --arch row: the preset's shape (a tiny stand-in here), random weights, the
     embedded tokenizer; refused names and vocabularies fail before anything is built."""
     from medtune import archs
@@ -99,7 +99,9 @@ def test_bench_train_arch_row(tmp_path, monkeypatch):
         "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
         "head_dim": 32, "tie_word_embeddings": True})
     r = bench_train(tmp_path / "a", steps=2, batch_size=2, vocab="none", arch="tiny-gemma",
-                    layers=2, sides="medtune,baseline", lora_r=4, progress=False)
+                    layers=2, sides="medtune,baseline", lora_r=4, progress=True)
+    err = capsys.readouterr().err  # progress in a log: whole lines, no carriage returns
+    assert "\rbench" not in err and "bench train [tiny-gemma-2L] steps 2/2" in err
     (run,) = r["runs"]
     assert (run["model"], run["vocab_size"], run["hidden_size"], run["layers"]) == \
         ("tiny-gemma-2L", 4096, 64, 2)
@@ -196,7 +198,7 @@ def test_bench_predict_constrained_stays_in_label_set(tiny_base, tmp_path, monke
     assert "Generation uses the float32 model as loaded" in md
 
 
-def test_bench_predict_arch_model(tmp_path, monkeypatch):
+def test_bench_predict_arch_model(tmp_path, monkeypatch, capsys):
     """--arch: a random full-size preset (a tiny stand-in here) read by both sides; generation
     stops after the longest label's tokens; model and arch together are refused."""
     from medtune import archs
@@ -208,8 +210,10 @@ def test_bench_predict_arch_model(tmp_path, monkeypatch):
         "tie_word_embeddings": False})
     before = torch.get_num_threads()
     r = bench_predict(tmp_path / "out", n=8, arch="tiny-llama", layers=1, n_labels=2,
-                      n_train=64, base_steps=2, chunk=4, threads=(1, 2), progress=False)
+                      n_train=64, base_steps=2, chunk=4, threads=(1, 2), progress=True)
     assert torch.get_num_threads() == before
+    err = capsys.readouterr().err  # progress in a log: whole lines, no carriage returns
+    assert "\rbench" not in err and err.count("bench predict notes 8/8") == 2
     assert r["model"] == "tiny-llama (1 layer), random weights + QLoRA 5 steps"
     # every side ran at each thread count, on the same notes: the same constrained predictions
     assert r["threads"] == [1, 2] and [run["threads"] for run in r["runs"]] == [1, 2]

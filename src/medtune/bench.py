@@ -21,13 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedtuneError
 from medtune.fsutil import check_output_file, write_json, write_text
+from medtune.progress import bench_progress
 
 WARMUP = 2  # first steps of each side not timed (allocator and kernel warm-up)
 
@@ -248,17 +248,14 @@ def _train_pair(work: Path, name: str, base: Path, labels: list[str], sides: Seq
             workers.append(_Worker(spec, work))
         ready = [w.read() for w in workers]
         records: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
-        started = time.time()
-        for k in range(steps):
-            order = list(zip(sides, workers, strict=True))
-            for side, w in order if k % 2 == 0 else order[::-1]:  # ABBA: no side always first
-                records[side].append(w.step())
-            if progress:
-                print(f"\rbench train [{name}] step {k + 1}/{steps} "
-                      f"({time.time() - started:.0f} s)", end="", file=sys.stderr, flush=True)
+        with bench_progress(f"bench train [{name}] steps", disable=not progress) as bar:
+            task = bar.add_task("steps", total=steps)
+            for k in range(steps):
+                order = list(zip(sides, workers, strict=True))
+                for side, w in order if k % 2 == 0 else order[::-1]:  # ABBA: no side always first
+                    records[side].append(w.step())
+                bar.update(task, completed=k + 1)
         ends = [w.read() for w in workers]
-        if progress:
-            print(file=sys.stderr)
     finally:
         for w in workers:
             w.close()

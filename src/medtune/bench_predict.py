@@ -19,7 +19,6 @@ Writes ``<output>/bench_predict.json`` and ``.md`` and prints the table.
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 from medtune.bench import _machine, _md_table, _outputs
 from medtune.errors import MedtuneError
 from medtune.fsutil import write_json, write_text
+from medtune.progress import bench_progress
 
 
 def _notes_for(labels: Sequence[str], n: int, seed: int):
@@ -279,18 +279,16 @@ def _predict_sides(predictor, texts: list[str], chunk: int, progress: bool,
     preds: dict[str, list[str]] = {s: [] for s in run}
     seconds = dict.fromkeys(run, 0.0)
     names = list(run)
-    for k, start in enumerate(range(0, len(texts), chunk)):
-        part = texts[start:start + chunk]
-        for side in names[k % len(names):] + names[:k % len(names)]:
-            t = time.perf_counter()
-            out = run[side](part, k)
-            seconds[side] += time.perf_counter() - t
-            preds[side] += out
-        if progress:
-            print(f"\rbench predict {min(len(texts), start + chunk)}/{len(texts)} notes", end="",
-                  file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    with bench_progress("bench predict notes", disable=not progress) as bar:
+        task = bar.add_task("notes", total=len(texts))
+        for k, start in enumerate(range(0, len(texts), chunk)):
+            part = texts[start:start + chunk]
+            for side in names[k % len(names):] + names[:k % len(names)]:
+                t = time.perf_counter()
+                out = run[side](part, k)
+                seconds[side] += time.perf_counter() - t
+                preds[side] += out
+            bar.update(task, completed=min(len(texts), start + chunk))
     return {s: (preds[s], seconds[s]) for s in preds}
 
 

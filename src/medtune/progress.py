@@ -69,3 +69,11 @@ def make_progress(label: str, *columns: Any, disable: bool = False, console: Any
     if console.is_terminal or disable:
         return Progress(*columns, console=console, disable=disable)
     return LineProgress(label)
+
+
+def bench_progress(label: str, disable: bool = False):
+    """A count bar for the benchmarks' loops (``label done/total`` lines in a log)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return make_progress(label, TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                         TimeElapsedColumn(), disable=disable)
