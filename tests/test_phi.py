@@ -90,6 +90,28 @@ def test_clinical_content_survives(text):
     assert find_phi(text) == []
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Dr. Jos\u00e9 N\u00fa\u00f1ez reviewed.", "Dr. [NAME] reviewed."),
+    ("Mr. M\u00fcller was admitted.", "Mr. [NAME] was admitted."),
+    ("Patient: Ren\u00e9e Dubois", "Patient: [NAME]"),
+    ("Patient: Rene\u0301e Dubois", "Patient: [NAME]"),  # decomposed accent
+    ("Dr. Ana Garc\u00eda consulted.", "Dr. [NAME] consulted."),
+    ("Dr. \u0141ukasz \u017b\u00f3\u0142w saw pt", "Dr. [NAME] saw pt"),
+    ("Seen 2021\u201303\u201314.", "Seen [DATE]."),
+    ("Phone 555\u2011123\u20114567.", "Phone [PHONE]."),
+    ("SSN 123\u201345\u20136789", "SSN [SSN]"),
+    ("DOB \uff10\uff11/\uff10\uff12/1950", "DOB [DATE]"),  # full-width digits
+])
+def test_accented_names_and_unicode_dashes_are_scrubbed_like_ascii(text, expected):
+    assert scrub_text(text) == expected  # never half a name: "Dr. [NAME]\u00e9 N\u00fa\u00f1ez"
+
+
+@pytest.mark.parametrize("text", ["L4\u2013L5 disc, 5\u201310 mg.", "caf\u00e9 au lait spots",
+                                  "Pain 5/10 \u2014 better.", "\u60a3\u8005 CT \u80f8\u90e8"])
+def test_unicode_clinical_text_survives(text):
+    assert scrub_text(text) == text
+
+
 def test_ages_at_most_89_and_bare_years_stay():
     assert scrub_text("89 yo M, in 2019, aged 67") == "89 yo M, in 2019, aged 67"
     assert scrub_text("90 yo M") == "[AGE] yo M"

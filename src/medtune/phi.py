@@ -10,12 +10,17 @@ Known limits (measured by medtune.phi_synth.evaluate_scrubber): a name with no t
 ("seen by", "wife", "name:") or known first name is not found, nor a single first name after a
 cue ("wife Maria"); a city only counts as part of "City, ST 12345" or a street address; a bare
 month/day ("3/4") right after a clinical word ("strength 3/4", "x 3/4") is kept as a value.
+Accented and other cased letters, full-width digits and Unicode dashes are read as their ASCII
+shapes (``fold``); names in scripts without letter case (Chinese, Japanese, Arabic, ...) are
+not found.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -298,11 +303,39 @@ def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
                 yield start, end, kind
 
 
+_DASHES = set("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d")
+
+
+@functools.lru_cache(maxsize=8192)
+def _fold_char(ch: str) -> str:
+    """One character for the patterns to see: an ASCII dash for any dash, the base letter or
+    digit of an accented or full-width one ("é" -> "e", "Ｍ" -> "M"), "A"/"a" for any other
+    cased letter or a combining mark (so "Łukasz" still looks like a capitalised word)."""
+    if ch in _DASHES:
+        return "-"
+    parts = unicodedata.normalize("NFKD", ch)
+    if parts[0].isascii() and parts[0].isprintable() and all(map(unicodedata.combining, parts[1:])):
+        return parts[0]
+    kind = unicodedata.category(ch)
+    if kind in ("Lu", "Lt"):
+        return "A"
+    if kind in ("Ll", "Mn"):
+        return "a"
+    return "-" if kind == "Pd" else ch
+
+
+def fold(text: str) -> str:
+    """``text`` as the patterns read it, one character for each character (the spans found in
+    it are the spans in ``text``): names with accents ("José Núñez"), dates and phone numbers
+    with Unicode dashes ("2021\u201303\u201314") are found like their ASCII spellings."""
+    return text if text.isascii() else "".join(map(_fold_char, text))
+
+
 def find_phi(text: str) -> list[tuple[int, int, str]]:
     """Spans (start, end, type) of identifiers in ``text``: sorted, non-overlapping."""
     rank = {k: i for i, k in enumerate(PRIORITY)}
     spans: list[tuple[int, int, str]] = []
-    for start, end, kind in sorted(_candidates(text)):
+    for start, end, kind in sorted(_candidates(fold(text))):
         if spans and start < spans[-1][1]:  # overlap: merge, keep the higher-priority type
             s0, e0, k0 = spans[-1]
             spans[-1] = (s0, max(e0, end), k0 if rank[k0] <= rank[kind] else kind)
