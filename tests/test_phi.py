@@ -194,6 +194,34 @@ def test_scrub_file_writes_scrubbed_table_and_counts_only(tmp_path, capsys, ext)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_scrub_file_changes_only_the_text_column(tmp_path, ext):
+    df = _table().assign(age=[34, 56, None, 22], flag=[True, False, True, False],
+                         score=[0.5, 1.25, float("nan"), 3.0])
+    src, out = tmp_path / f"notes.{ext}", tmp_path / f"clean.{ext}"
+    if ext == "parquet":
+        df.assign(age=df["age"].astype("Int64")).to_parquet(src, index=False)
+        scrub_file(src, out)
+        back, before = pd.read_parquet(out), pd.read_parquet(src)
+        for column in ("age", "flag", "score", "label"):
+            assert back[column].dtype == before[column].dtype, column
+            assert back[column].equals(before[column]), column
+    else:
+        rows = [{**r, "meta": {"site": "A", "by": "Dr. Alice Wong"}} for r in
+                df.drop(columns="score").to_dict("records")]
+        rows[2]["age"] = None
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        counts = scrub_file(src, out)
+        back_rows = [json.loads(line) for line in out.read_text().splitlines()]
+        for old, new in zip(rows, back_rows, strict=True):
+            assert {k: new[k] for k in ("label", "age", "flag")} == \
+                {k: old[k] for k in ("label", "age", "flag")}  # 34 stays 34, null stays null
+            assert new["meta"] == old["meta"]  # not a column medtune reads: left as it is
+        assert counts["rows_changed"] == 3
+        back = pd.DataFrame(back_rows)
+    assert "Alice Wong" not in " ".join(back["text"]) and "[NAME]" in back["text"].iloc[0]
+
+
 def test_scrub_file_without_label_column(tmp_path):
     src = tmp_path / "notes.csv"
     pd.DataFrame({"note": ["Dr. Alice Wong on 01/02/2023", "no phi here at all"]}).to_csv(

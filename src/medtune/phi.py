@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -375,12 +376,49 @@ def _text_column(df: Any, path: Path, text_column: str | None) -> str:
         raise
 
 
+def _scrub_value(value: Any, counts: Counter[str]) -> Any:
+    """A cell with every string in it scrubbed (JSON objects and arrays too); other values,
+    nulls and numbers, as they are. ``counts`` gains the spans found, per type."""
+    if isinstance(value, str):
+        spans = find_phi(value)
+        counts.update(kind for _, _, kind in spans)
+        return _replace(value, spans)
+    if isinstance(value, dict):
+        return {key: _scrub_value(item, counts) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub_value(item, counts) for item in value]
+    return value
+
+
+def _typed_input(path: Path, strings: Any) -> Any:
+    """``path``'s rows with the types it stores (read_table has already checked the file and
+    gives every cell as a string): Parquet as Arrow typed it, JSON as its parsed objects (a
+    list of dicts), delimited text as the strings themselves."""
+    from medtune.tables import JSON_LINES, PARQUET, parse_json
+
+    suffix = path.suffix.lower()
+    if suffix in PARQUET:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pandas()
+    if suffix in JSON_LINES:
+        text = path.read_text(encoding="utf-8-sig")
+        if text.lstrip().startswith("["):
+            return parse_json(text, path)
+        return [parse_json(line, path) for line in text.split("\n") if line.strip()]
+    return strings
+
+
 def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None = None,
                overwrite: bool = False) -> dict:
-    """Write ``path``'s table to ``output`` with its text column scrubbed, atomically.
+    """Write ``path``'s table to ``output`` with its text column scrubbed, atomically. Only
+    that column changes: the other columns keep their values and types (numbers, booleans,
+    nulls, nested JSON), as far as the output format can hold them.
 
     Returns counts (rows, rows changed, spans per type); never any text.
     """
+    import pandas as pd
+
     from medtune.synth import write_table_by_extension
     from medtune.tables import read_table
 
@@ -391,22 +429,27 @@ def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None 
     suffix = output.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".parquet", ".pq"):
         raise DataError(f"{output}: unsupported extension (use .csv, .jsonl or .parquet)")
-    df = read_table(path)
+    df = read_table(path)  # checks the file: encoding, shape, field sizes, one-line errors
     column = _text_column(df, path, text_column)
+    typed = _typed_input(path, df)
+    records = typed if isinstance(typed, list) else None
+    values = [r.get(column) for r in records] if records is not None else typed[column].tolist()
     counts: Counter[str] = Counter()
-    changed = 0
-    scrubbed = []
-    for value in df[column].tolist():
-        if not isinstance(value, str):
-            scrubbed.append(value)
-            continue
-        spans = find_phi(value)
-        counts.update(kind for _, _, kind in spans)
-        changed += bool(spans)
-        scrubbed.append(_replace(value, spans))
-    df[column] = scrubbed
+    scrubbed, changed = [], 0
+    for value in values:
+        found = sum(counts.values())
+        scrubbed.append(_scrub_value(value, counts))
+        changed += sum(counts.values()) > found  # a row with at least one span
     with atomic_file(output) as tmp:
-        write_table_by_extension(df, tmp, suffix)
+        if records is not None and suffix == ".jsonl":  # JSON to JSON: each object as it was
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for record, value in zip(records, scrubbed, strict=True):
+                    fh.write(json.dumps({**record, column: value} if column in record else record,
+                                        ensure_ascii=False) + "\n")
+        else:
+            frame = pd.DataFrame(records) if records is not None else typed
+            frame[column] = scrubbed
+            write_table_by_extension(frame, tmp, suffix)
     return {"input": str(path), "output": str(output), "column": column, "rows": len(df),
             "rows_changed": changed, "spans": {k: counts[k] for k in TYPES if counts[k]},
             "total_spans": sum(counts.values())}
