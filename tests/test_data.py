@@ -160,12 +160,17 @@ def test_all_labels_filtered_by_min_count(tmp_path):
     assert not out.exists()  # a failing split leaves nothing behind
 
 
-def test_unseen_test_labels_warn():
-    with pytest.warns(UserWarning, match="2 label.*'Hip CT', 'Spine MRI'") as record:
-        unseen = check_unseen_labels(["Knee MRI", "Wrist XR"],
-                                     ["Knee MRI", "Spine MRI", "Hip CT"], "test.csv")
-    assert unseen == ["Hip CT", "Spine MRI"] and "test.csv" in str(record[0].message)
+def test_unseen_labels_warn_with_a_case_hint_and_all_unseen_is_an_error(capsys):
+    unseen = check_unseen_labels(["Knee MRI", "Wrist XR"],
+                                 ["Knee MRI", "Spine MRI", "Hip CT", "knee mri"], "test.csv")
+    assert unseen == ["Hip CT", "Spine MRI", "knee mri"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: test.csv: 3 of 4 rows have a label outside the label set")
+    assert "'knee mri' ~ 'Knee MRI'" in line
     assert check_unseen_labels(["a"], ["a"], "x") == []
+    with pytest.raises(DataError, match=r"^t.csv: none of its gold labels is in the label set "
+                                        r"\(2 labels; it has 'XR'\)"):
+        check_unseen_labels(["Knee MRI", "Wrist XR"], ["XR", "XR"], "t.csv", "gold label")
 
 
 # ---------------------------------------------------------------------------------- formats

@@ -170,6 +170,13 @@ def test_bad_inputs_fail_before_loading_models(merged_dir, splits, tmp_path):
     with pytest.raises(MedtuneError, match="not empty"):
         evaluate(str(merged_dir), str(lone / "test.csv"), str(busy), isolate=False,
                  similarity=False)
+    # gold labels the model cannot predict: every row would count as wrong (wrong label column)
+    pd.read_csv(splits / "test.csv").assign(label="Xray Chest").to_csv(lone / "other.csv",
+                                                                      index=False)
+    with pytest.raises(MedtuneError, match="none of its gold labels is in the label set"):
+        evaluate(str(merged_dir), str(lone / "other.csv"), str(tmp_path / "c"), isolate=False,
+                 similarity=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_overwrite_replaces_the_report_and_failure_leaves_nothing(merged_dir, splits,

@@ -358,7 +358,9 @@ def evaluate_cmd(
         overwrite=overwrite,
         similarity=not no_similarity,
     )
-    keys = ("accuracy", "macro_f1", "weighted_f1", "ece", "semantic_similarity", "outside_label_set")
+    keys = ["accuracy", "macro_f1", "weighted_f1", "ece", "semantic_similarity", "outside_label_set"]
+    keys += ["abstained"] * (min_confidence > 0)  # rows below the threshold (still scored)
+    keys += ["gold_outside_label_set"] * bool(metrics.get("gold_outside_label_set"))
     _print_json({k: metrics[k] for k in keys if k in metrics} | {"report": str(output / "report.html")})
 
 

@@ -11,7 +11,7 @@ are importable from here too.
 from __future__ import annotations
 
 import math
-import warnings
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -89,15 +89,27 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def check_unseen_labels(train_labels: Iterable[str], test_labels: Iterable[str],
-                        path: str | Path) -> list[str]:
-    """Labels of ``test_labels`` never seen in training; warns (stderr) when there are any."""
-    unseen = sorted(set(test_labels) - set(train_labels) - {""})
-    if unseen:
-        listed = ", ".join(repr(shown(u)) for u in unseen[:20])
-        more = f" and {len(unseen) - 20} more" if len(unseen) > 20 else ""
-        warnings.warn(f"{path}: {len(unseen)} label(s) never seen in training: {listed}{more}",
-                      UserWarning, stacklevel=2)
+def check_unseen_labels(known: Iterable[str], gold: Iterable[str], path: str | Path,
+                        what: str = "label") -> list[str]:
+    """The distinct ``gold`` labels not in ``known`` (a model's or training's label set).
+    Some: one warning line on stderr, with the rows they cover and any that differ from a
+    known label only in case; all of them: a DataError (a wrong label column, or a model
+    trained on other labels, would make every row count as wrong)."""
+    known, gold = set(known), [g for g in gold if g != ""]
+    unseen = sorted(set(gold) - known)
+    if not unseen:
+        return []
+    by_case = {k.casefold(): k for k in known}
+    rows = sum(g not in known for g in gold)
+    listed = ", ".join(repr(shown(u)) for u in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+    near = [f"{shown(u)!r} ~ {shown(by_case[u.casefold()])!r}" for u in unseen
+            if u.casefold() in by_case]
+    hint = f"; differ only in case: {', '.join(near[:3])}" if near else ""
+    if rows == len(gold):
+        raise DataError(f"{path}: none of its {what}s is in the label set ({len(known)} labels; "
+                        f"it has {listed}){hint}")
+    print(f"warning: {path}: {rows} of {len(gold)} rows have a {what} outside the label set "
+          f"({listed}){hint}; they count as errors", file=sys.stderr)
     return unseen
 
 

@@ -284,8 +284,9 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     ``baseline`` entries: model directories (scored zero-shot with the fine-tuned model's
     labels) and/or "tfidf" (needs ``train_data`` or a train.csv next to ``data``).
     ``isolate``: measure each model in its own process (its own peak memory)."""
-    from medtune.data import load_labeled
+    from medtune.data import check_unseen_labels, load_labeled
     from medtune.metrics import classification_metrics, difficulty_terciles, mcqa_metrics
+    from medtune.model import load_labels
     from medtune.predict import resolve_task
 
     cfg = cfg or PredictConfig(merge="no")  # measure a run as trained unless asked
@@ -295,6 +296,9 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     _check_baselines(baseline, train_path, task)
     df = load_labeled(data, task=task)
     texts, gold = list(df["text"]), list(df["label"])
+    known = Path(labels or Path(model) / "labels.json")
+    if task == "protocol" and known.exists():  # gold the model cannot predict: warn, or refuse
+        check_unseen_labels(load_labels(known), gold, data, "gold label")
     # fail before any model is loaded; never replace what this command reads
     check_output_dir(output, overwrite, inputs=[model, data, train_path, labels, *baseline])
     run = measure_isolated if isolate else measure

@@ -146,13 +146,10 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         if started != labels:  # the adapter was trained on another label set
             raise MedtuneError(f"{data}: its labels differ from the run's labels.json ({len(labels)} "
                                f"vs {len(started or [])}); --resume needs the data the run started with")
-    unseen = sorted(set(val_df["label"]) - set(labels))
-    if unseen:
-        from medtune.tables import shown  # a label column holding notes must not print them
+    if cfg.data.task != "mcqa":  # labels training never saw: a warning line, all of them an error
+        from medtune.data import check_unseen_labels
 
-        listed = [shown(u) for u in unseen[:20]] + (["..."] if len(unseen) > 20 else [])
-        print(f"warning: {len(unseen)} validation label(s) unseen in training: {listed}",
-              file=sys.stderr)
+        check_unseen_labels(labels, val_df["label"], val or data, "validation label")
     base = cfg.model.base
     if base == "embedded":
         from medtune.base import build_base
