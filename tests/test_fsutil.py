@@ -7,7 +7,7 @@ import os
 import pytest
 
 from medtune.errors import MedtuneError
-from medtune.fsutil import atomic_dir, atomic_file, check_output_dir
+from medtune.fsutil import atomic_dir, atomic_file, check_output_dir, check_output_file
 
 
 def _record_fsyncs(monkeypatch) -> list[str]:
@@ -119,3 +119,6 @@ def test_output_under_a_file_is_refused_before_any_work(tmp_path):
     with pytest.raises(MedtuneError, match=r"cannot be created, .*notes.csv is not a directory"):
         check_output_dir(tmp_path / "notes.csv" / "run" / "x")
     assert check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    # an output file too ('predict -o notes.csv/x.csv' said "notes.csv: File exists")
+    with pytest.raises(MedtuneError, match=r"x.csv: cannot be created, .*notes.csv is not a dir"):
+        check_output_file(tmp_path / "notes.csv" / "x.csv", overwrite=True)

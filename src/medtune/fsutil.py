@@ -123,11 +123,7 @@ def check_output_dir(path: str | Path, overwrite: bool = False,
                                "choose another output")
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{path}: exists and is not a directory")
-    for parent in path.absolute().parents:  # the first that exists must be a folder
-        if parent.exists():
-            if not parent.is_dir():
-                raise MedtuneError(f"{path}: cannot be created, {parent} is not a directory")
-            break
+    _check_parents(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise MedtuneError(f"{path}: output directory is not empty (pass --overwrite to replace it)")
     return path
@@ -140,9 +136,19 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def _check_parents(path: Path) -> None:
+    for parent in path.absolute().parents:  # the first that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise MedtuneError(f"{path}: cannot be created, {parent} is not a directory")
+            break
+
+
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse to replace an existing output file unless ``overwrite``."""
+    """Refuse to replace an existing output file unless ``overwrite``, and one that cannot be
+    created because a file stands where a folder above it should be."""
     path = Path(path)
+    _check_parents(path)
     if path.exists() and not overwrite:
         raise MedtuneError(f"{path}: output file exists (pass --overwrite to replace it)")
     return path
