@@ -74,7 +74,7 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_base, tmp_path):
     out = medtune("data", "synth", "--n", "5", "-o", str(taken / "x.csv"))  # parent is a file
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {taken}: "), lines
+    assert lines == [f"error: {taken / 'x.csv'}: cannot be created, {taken} is not a directory"]
 
 
 def test_train_in_a_log_prints_plain_progress_and_no_library_bars(tiny_base, tmp_path):

@@ -79,9 +79,9 @@ def test_scrub_phi_switch_scrubs_what_training_sees(scrub, tiny_base, tmp_path, 
     seen: list[str] = []
     real = train_mod.encode_examples
 
-    def spy(template, tokenizer, texts, labels, max_length):
+    def spy(template, tokenizer, texts, answers, max_length, labels=None):
         seen.extend(texts)
-        return real(template, tokenizer, texts, labels, max_length)
+        return real(template, tokenizer, texts, answers, max_length, labels)
 
     monkeypatch.setattr(train_mod, "encode_examples", spy)
     cfg = load_config(None, [f"model.base={tiny_base}", "model.device=cpu",
