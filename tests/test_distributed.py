@@ -219,6 +219,18 @@ def _resumable_copy(run: Path, to: Path) -> Path:
     return to
 
 
+def _resume_matches(run: Path, data: Path, val: Path, overrides: list[str], tmp_path: Path) -> None:
+    """``run`` resumed (torchrun, two processes) from its step-2 checkpoint ends with the same
+    adapter as the uninterrupted ``run``."""
+    again = _resumable_copy(run, tmp_path / "again")
+    _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(again),
+                             "--resume", *overrides], tmp_path / "resume.log")
+    assert "resuming from step-0000002" in (tmp_path / "resume.log").read_text()
+    a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
 def test_fsdp_run_was_sharded_and_resumes_to_the_same_adapter(runs, tiny_base, tmp_path):
     import json
 
@@ -226,15 +238,9 @@ def test_fsdp_run_was_sharded_and_resumes_to_the_same_adapter(runs, tiny_base, t
     assert json.loads((multi / "medtune.json").read_text())["sharded"] is True
     assert json.loads((runs["nf4"][0] / "medtune.json").read_text())["sharded"] is False
     # resume the sharded run from its step-2 checkpoint (torchrun + train.fsdp=true this time)
-    again = _resumable_copy(multi, tmp_path / "again")
     data, val = multi.parent / "train13.csv", multi.parent / "val.csv"
     overrides = [f"model.base={tiny_base}", "model.quantization=nf4", *COMMON, "train.fsdp=true"]
-    _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(again),
-                             "--resume", *overrides], tmp_path / "resume.log")
-    assert "resuming from step-0000002" in (tmp_path / "resume.log").read_text()
-    a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    _resume_matches(multi, data, val, overrides, tmp_path)
 
 
 def test_two_process_resume_with_dropout_restores_each_ranks_random_stream(runs, tiny_base,
@@ -247,10 +253,4 @@ def test_two_process_resume_with_dropout_restores_each_ranks_random_stream(runs,
     whole = tmp_path / "whole"
     _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(whole),
                              *overrides], tmp_path / "whole.log")
-    again = _resumable_copy(whole, tmp_path / "again")
-    _run_launch("torchrun", ["--data", str(data), "--val", str(val), "--output", str(again),
-                             "--resume", *overrides], tmp_path / "again.log")
-    assert "resuming from step-0000002" in (tmp_path / "again.log").read_text()
-    a = load_file(str(again / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    _resume_matches(whole, data, val, overrides, tmp_path)

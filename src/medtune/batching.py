@@ -39,17 +39,11 @@ def encode_examples(template, tokenizer, texts: Sequence[str], answers: Sequence
             ctx = truncate_prompt(ctx, max(8, max_length - max(map(len, conts)) - 1))
             out.append(Example(input_ids=ctx + ans, n_prompt=len(ctx)))
         return out
-    longest = max((len(template.answer_ids(tokenizer, lab)) for lab in labels), default=0) \
-        if labels else 0
+    longest = max((len(template.answer_ids(tokenizer, lab)) for lab in labels or ()), default=0)
     for text, answer in zip(texts, answers, strict=True):
         ans = template.answer_ids(tokenizer, answer)
         room = max(8, max_length - max(len(ans), longest))
         prompt = truncate_prompt(template.prompt_ids(tokenizer, text), room)
-        out.append(Example(input_ids=prompt + ans, n_prompt=len(prompt)))
-    return out
-    for text, answer in zip(texts, answers, strict=True):
-        ans = template.answer_ids(tokenizer, answer)
-        prompt = truncate_prompt(template.prompt_ids(tokenizer, text), max(8, max_length - len(ans)))
         out.append(Example(input_ids=prompt + ans, n_prompt=len(prompt)))
     return out
 

@@ -22,7 +22,7 @@ from medtune import __version__
 from medtune.config import DataConfig
 from medtune.data import MCQA_COLUMNS, load_labeled, normalize_text
 from medtune.errors import ConfigError, DataError, MedtuneError
-from medtune.fsutil import atomic_dir, check_output_dir, prepare_output_dir, write_json, write_text
+from medtune.fsutil import atomic_dir, prepare_output_dir, write_json, write_text
 from medtune.tasks.mcqa import OPTION_COLUMNS, format_question
 
 SPLITS = ("train", "val", "test")
@@ -179,9 +179,8 @@ def split_data(path: str | Path, output: str | Path, cfg: DataConfig, *, overwri
                cop_base: int = 0) -> dict[str, Any]:
     """Clean, dedup, filter and split ``path`` into ``output``; returns the data card."""
     path, output = Path(path), Path(output)
-    check_output_dir(output, overwrite, inputs=[path])  # an output holding the input is refused
     existed = output.exists()
-    prepare_output_dir(output, overwrite)
+    prepare_output_dir(output, overwrite, inputs=[path])  # an output holding the input: refused
     try:
         card, frames = _build(path, cfg, cop_base)
         columns = ["id", "text", "label"]

@@ -129,9 +129,11 @@ def check_output_dir(path: str | Path, overwrite: bool = False,
     return path
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create an output directory, refusing a non-empty existing one unless ``overwrite``."""
-    path = check_output_dir(path, overwrite)
+def prepare_output_dir(path: str | Path, overwrite: bool = False,
+                       inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Create an output directory, refusing a non-empty existing one unless ``overwrite`` (and,
+    as ``check_output_dir``, one that is or holds one of ``inputs``)."""
+    path = check_output_dir(path, overwrite, inputs)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
