@@ -86,8 +86,8 @@ def _writers(notes: Path, tiny_data: Path, run: Path, tiny_base: Path
     from medtune.datacard import split_data
     from medtune.evaluate import evaluate
     from medtune.merge import merge
-    from medtune.phi import scrub_file
     from medtune.predict import predict_file
+    from medtune.scrub import scrub_file
 
     texts = list(synth_protocol(40, seed=1)["text"])
     return {
@@ -168,7 +168,7 @@ def half_write_then_fail(target_arg: int = 1):
 @pytest.mark.parametrize("ext", [".csv", ".parquet"])
 def test_synth_and_scrub_failing_midway_leave_nothing(ext, notes, tmp_path, monkeypatch):
     import medtune.synth as synth_mod
-    from medtune.phi import scrub_file
+    from medtune.scrub import scrub_file
 
     monkeypatch.setattr(synth_mod, "write_table_by_extension", half_write_then_fail())
     with pytest.raises(Boom):

@@ -11,8 +11,9 @@ import pytest
 
 from medtune import phi
 from medtune.errors import MedtuneError
-from medtune.phi import PLACEHOLDERS, find_phi, scrub_file, scrub_text
+from medtune.phi import PLACEHOLDERS, find_phi, scrub_text
 from medtune.phi_synth import PATTERN_TYPES, evaluate_scrubber, synth_phi
+from medtune.scrub import scrub_file
 
 # (text, identifier that must disappear, placeholder that must appear)
 IDENTIFIERS = [
@@ -218,8 +219,35 @@ def test_scrub_file_changes_only_the_text_column(tmp_path, ext):
                 {k: old[k] for k in ("label", "age", "flag")}  # 34 stays 34, null stays null
             assert new["meta"] == old["meta"]  # not a column medtune reads: left as it is
         assert counts["rows_changed"] == 3
+        assert counts["not_scrubbed"] == {"meta": 4}  # counted, so the CLI can warn
         back = pd.DataFrame(back_rows)
     assert "Alice Wong" not in " ".join(back["text"]) and "[NAME]" in back["text"].iloc[0]
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_scrub_file_also_scrubs_named_columns_and_counts_the_rest(tmp_path, ext):
+    df = _table().assign(history=["wife Maria Lopez called 555-987-6543", "none", "none",
+                                  "DOB 03/04/1961"],
+                         referrer=["Dr. Bob Stone", "", "", ""])
+    src = tmp_path / f"notes.{ext}"
+    df.to_csv(src, index=False) if ext == "csv" else \
+        df.to_json(src, orient="records", lines=True)
+    plain = scrub_file(src, tmp_path / f"a.{ext}")
+    assert plain["not_scrubbed"] == {"history": 3, "referrer": 1}  # name, phone, date
+    assert "also" not in plain
+    counts = scrub_file(src, tmp_path / f"b.{ext}", also=["history", "referrer"])
+    assert counts["also"] == ["history", "referrer"] and "not_scrubbed" not in counts
+    assert counts["rows_changed"] == 4  # row 4's history had a date: the row changed
+    text = (tmp_path / f"b.{ext}").read_text()
+    for secret in ["555-987-6543", "03/04/1961", "Bob Stone", *SECRETS]:
+        assert secret not in text
+    assert "Maria Lopez" not in text
+    back = pd.read_csv(tmp_path / "b.csv") if ext == "csv" else \
+        pd.read_json(tmp_path / "b.jsonl", lines=True)
+    assert list(back["label"]) == list(df["label"])
+    with pytest.raises(MedtuneError, match=r"--also: no column 'nope'"):
+        scrub_file(src, tmp_path / f"c.{ext}", also=["nope"])
+    assert not (tmp_path / f"c.{ext}").exists()
 
 
 def test_scrub_file_without_label_column(tmp_path):

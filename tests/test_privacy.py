@@ -62,6 +62,20 @@ def test_data_scrub_cli_scrubs_reports_counts_and_refuses_overwrite(tmp_path):
     assert "[NAME]" in text and "[SSN]" in text and "headache after fall" in text
     for stream in (done.stdout, done.stderr):
         assert not [p for p in PHI if p in stream] and CANARY not in stream
+    assert "warning" not in done.stderr  # nothing left in other columns
+
+    frame = notes_frame(6).assign(history=[f"seen by {PHI[0]} on {PHI[2]}"] * 6)
+    frame.to_csv(src, index=False)
+    warned = medtune("data", "scrub", str(src), "-o", str(tmp_path / "w.csv"), cwd=tmp_path)
+    assert warned.returncode == 0, warned.stderr
+    assert json.loads(warned.stdout)["not_scrubbed"] == {"history": 12}
+    assert "'history' (12)" in warned.stderr and "--also history" in warned.stderr
+    assert PHI[0] not in warned.stderr + warned.stdout
+    both = medtune("data", "scrub", str(src), "-o", str(tmp_path / "b.csv"), "--also", "history",
+                   cwd=tmp_path)
+    assert both.returncode == 0 and "warning" not in both.stderr, both.stderr
+    assert PHI[0] not in (tmp_path / "b.csv").read_text()
+    notes_frame(6).to_csv(src, index=False)
 
     before = out.read_bytes()
     again = medtune("data", "scrub", str(src), "--output", str(out), cwd=tmp_path)

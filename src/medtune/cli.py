@@ -157,13 +157,25 @@ def data_scrub(
     file: Path,
     output: Annotated[Path, typer.Option("--output", "-o")],
     text_column: TextCol = None,
+    also: Annotated[str, typer.Option(help="Comma list of more columns to scrub.")] = "",
     overwrite: Overwrite = False,
 ) -> None:
-    """Replace PHI (names, dates, phone, MRN, ...) with typed placeholders like [DATE]."""
-    from medtune.phi import scrub_file
+    """Replace PHI (names, dates, phone, MRN, ...) with typed placeholders like [DATE].
 
-    counts = scrub_file(file, output, text_column=text_column, overwrite=overwrite)
+    Scrubs the text column (and --also columns); warns, with counts only, about other columns
+    in which PHI-like spans remain."""
+    from medtune.scrub import scrub_file
+    from medtune.tables import shown
+
+    extra = [c.strip() for c in also.split(",") if c.strip()]
+    counts = scrub_file(file, output, text_column=text_column, also=extra, overwrite=overwrite)
     _print_json(counts)
+    left = counts.get("not_scrubbed", {})
+    if left:
+        listed = ", ".join(f"'{shown(c)}' ({n})" for c, n in left.items())
+        print(f"warning: {file}: PHI-like spans remain in columns not scrubbed: {listed}; "
+              f"scrub them too with --also "
+              f"{','.join(shown(c) for c in left)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- base / train / merge

@@ -19,17 +19,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
-
-from medtune.errors import DataError
-from medtune.fsutil import atomic_file, check_output_file
-from medtune.tasks.protocol import TEXT_COLUMNS
 
 PLACEHOLDERS = ["[NAME]", "[DATE]", "[AGE]", "[PHONE]", "[FAX]", "[EMAIL]", "[SSN]", "[MRN]",
                 "[ID]", "[URL]", "[IP]", "[ADDRESS]", "[ZIP]"]
@@ -345,7 +337,7 @@ def find_phi(text: str) -> list[tuple[int, int, str]]:
     return spans
 
 
-def _replace(text: str, spans: list[tuple[int, int, str]]) -> str:
+def replace_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
     out, pos = [], 0
     for start, end, kind in spans:
         out.append(text[pos:start])
@@ -357,99 +349,4 @@ def _replace(text: str, spans: list[tuple[int, int, str]]) -> str:
 
 def scrub_text(text: str) -> str:
     """``text`` with every identifier found by find_phi replaced by its placeholder."""
-    return _replace(text, find_phi(text))
-
-
-def _text_column(df: Any, path: Path, text_column: str | None) -> str:
-    """The text column: as detect_columns finds it, or (files without labels) the given name or
-    the first usual text column name present."""
-    from medtune.data import detect_columns  # same tier; imported when used
-
-    try:
-        return str(detect_columns(df, path, text_column=text_column)[0])
-    except DataError:
-        by_lower = {str(c).lower(): str(c) for c in df.columns}
-        wanted = [text_column] if text_column else [*TEXT_COLUMNS, "question"]
-        for name in wanted:
-            if name.lower() in by_lower:
-                return by_lower[name.lower()]
-        raise
-
-
-def _scrub_value(value: Any, counts: Counter[str]) -> Any:
-    """A cell with every string in it scrubbed (JSON objects and arrays too); other values,
-    nulls and numbers, as they are. ``counts`` gains the spans found, per type."""
-    if isinstance(value, str):
-        spans = find_phi(value)
-        counts.update(kind for _, _, kind in spans)
-        return _replace(value, spans)
-    if isinstance(value, dict):
-        return {key: _scrub_value(item, counts) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_scrub_value(item, counts) for item in value]
-    return value
-
-
-def _typed_input(path: Path, strings: Any) -> Any:
-    """``path``'s rows with the types it stores (read_table has already checked the file and
-    gives every cell as a string): Parquet as Arrow typed it, JSON as its parsed objects (a
-    list of dicts), delimited text as the strings themselves."""
-    from medtune.tables import JSON_LINES, PARQUET, parse_json
-
-    suffix = path.suffix.lower()
-    if suffix in PARQUET:
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pandas()
-    if suffix in JSON_LINES:
-        text = path.read_text(encoding="utf-8-sig")
-        if text.lstrip().startswith("["):
-            return parse_json(text, path)
-        return [parse_json(line, path) for line in text.split("\n") if line.strip()]
-    return strings
-
-
-def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None = None,
-               overwrite: bool = False) -> dict:
-    """Write ``path``'s table to ``output`` with its text column scrubbed, atomically. Only
-    that column changes: the other columns keep their values and types (numbers, booleans,
-    nulls, nested JSON), as far as the output format can hold them.
-
-    Returns counts (rows, rows changed, spans per type); never any text.
-    """
-    import pandas as pd
-
-    from medtune.synth import write_table_by_extension
-    from medtune.tables import read_table
-
-    path, output = Path(path), Path(output)
-    check_output_file(output, overwrite)
-    if output.resolve() == path.resolve():
-        raise DataError(f"{output}: output must differ from the input file")
-    suffix = output.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".parquet", ".pq"):
-        raise DataError(f"{output}: unsupported extension (use .csv, .jsonl or .parquet)")
-    df = read_table(path)  # checks the file: encoding, shape, field sizes, one-line errors
-    column = _text_column(df, path, text_column)
-    typed = _typed_input(path, df)
-    records = typed if isinstance(typed, list) else None
-    values = [r.get(column) for r in records] if records is not None else typed[column].tolist()
-    counts: Counter[str] = Counter()
-    scrubbed, changed = [], 0
-    for value in values:
-        found = sum(counts.values())
-        scrubbed.append(_scrub_value(value, counts))
-        changed += sum(counts.values()) > found  # a row with at least one span
-    with atomic_file(output) as tmp:
-        if records is not None and suffix == ".jsonl":  # JSON to JSON: each object as it was
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for record, value in zip(records, scrubbed, strict=True):
-                    fh.write(json.dumps({**record, column: value} if column in record else record,
-                                        ensure_ascii=False) + "\n")
-        else:
-            frame = pd.DataFrame(records) if records is not None else typed
-            frame[column] = scrubbed
-            write_table_by_extension(frame, tmp, suffix)
-    return {"input": str(path), "output": str(output), "column": column, "rows": len(df),
-            "rows_changed": changed, "spans": {k: counts[k] for k in TYPES if counts[k]},
-            "total_spans": sum(counts.values())}
+    return replace_spans(text, find_phi(text))
