@@ -240,6 +240,7 @@ def test_inspect_counts_and_no_text_without_examples(tmp_path, capsys):
     assert [(p["a"], p["b"]) for p in summary["near_duplicate_labels"]] == [("Knee MRI",
                                                                            "Knee MRl")]
     assert summary["leakage"]["shared_texts"] == 6 and summary["text_tokens"]["max"] == 9
+    assert summary["phi"] == {"rows_with_phi": 0, "spans": {}}
     dumped = json.dumps(summary)
     assert "zebra" not in dumped and "examples" not in summary
     render_inspect(summary)
@@ -250,6 +251,19 @@ def test_inspect_counts_and_no_text_without_examples(tmp_path, capsys):
     assert shown["examples"]["conflicts"][0]["text"].endswith("patient 7")
     render_inspect(shown)
     assert "Invented" in capsys.readouterr().out
+
+
+def test_inspect_counts_phi_like_spans_without_showing_them(tmp_path, capsys):
+    df = pd.DataFrame({"text": ["Seen by Dr. Alice Wong on 03/14/2023 for knee pain",
+                                "call 555-234-5678 re wrist", "plain knee note"] * 2,
+                       "label": ["Knee MRI", "Wrist XR", "Knee MRI"] * 2})
+    summary = inspect_data(notes_csv(tmp_path, df))
+    assert summary["phi"] == {"rows_with_phi": 4, "spans": {"NAME": 2, "DATE": 2, "PHONE": 2}}
+    render_inspect(summary)
+    printed = capsys.readouterr().out
+    assert "PHI-like spans in 4 of 6 notes" in printed and "PHONE" in printed
+    for secret in ("Alice", "Wong", "03/14/2023", "555-234-5678"):
+        assert secret not in printed and secret not in json.dumps(summary)
 
 
 # -------------------------------------------------------------------------------------- split

@@ -1,7 +1,8 @@
 """`data inspect`: what a data file holds before anyone trains on it.
 
 Label counts, text lengths, exact and normalized duplicates, texts carrying conflicting labels,
-labels that look like misspellings of each other, and leakage against a second file. Counts
+labels that look like misspellings of each other, PHI-like spans in the notes (``medtune.phi``'s
+patterns) and leakage against a second file. Counts
 only: note text appears only with ``show_examples`` (it may hold PHI).
 """
 
@@ -62,6 +63,21 @@ def _examples(df: pd.DataFrame, keys: pd.Series, shared: set[str]) -> dict[str, 
     }
 
 
+def _phi_counts(texts: list[str]) -> dict[str, Any]:
+    """Rows whose text holds PHI-like spans, and the spans per type (~4,000 notes/s)."""
+    from collections import Counter
+
+    from medtune.phi import TYPES, find_phi
+
+    spans: Counter[str] = Counter()
+    rows = 0
+    for text in texts:
+        found = find_phi(text)
+        rows += bool(found)
+        spans.update(kind for _, _, kind in found)
+    return {"rows_with_phi": rows, "spans": {k: spans[k] for k in TYPES if spans[k]}}
+
+
 def inspect_data(path: str | Path, *, against: str | Path | None = None, task: str = "protocol",
                  text_column: str | None = None, label_column: str | None = None,
                  tokenizer: Any = None, show_examples: bool = False) -> dict[str, Any]:
@@ -82,6 +98,7 @@ def inspect_data(path: str | Path, *, against: str | Path | None = None, task: s
         "duplicates": duplicate_stats(df, keys),
         "near_duplicate_labels": near_duplicate_labels(df["label"].tolist())
         if task == "protocol" else [],
+        "phi": _phi_counts(texts),
         "leakage": None,
     }
     shared: set[str] = set()
@@ -155,6 +172,17 @@ def render_inspect(summary: dict[str, Any]) -> None:
     for key, n in summary["duplicates"].items():
         _row(dups, key.replace("_", " "), n)
     console.print(dups)
+
+    phi = summary.get("phi")
+    if phi and phi["rows_with_phi"]:
+        console.print(f"PHI-like spans in {phi['rows_with_phi']} of {summary['rows']} notes "
+                      "(medtune data scrub or data.scrub_phi=true replaces them)")
+        table = _table("", "type", "spans")
+        for kind, n in phi["spans"].items():
+            _row(table, kind, n)
+        console.print(table)
+    elif phi:
+        console.print("PHI-like spans: none found (pattern based, see medtune.phi)")
 
     if summary["near_duplicate_labels"]:
         near = _table("Possible near-duplicate labels", "label", "label", "ratio", "edits")
