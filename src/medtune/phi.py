@@ -296,7 +296,6 @@ def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
                 yield start, end, kind
 
 
-_DASHES = set("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -304,17 +303,15 @@ def _fold_char(ch: str) -> str:
     """One character for the patterns to see: an ASCII dash for any dash, the base letter or
     digit of an accented or full-width one ("é" -> "e", "Ｍ" -> "M"), "A"/"a" for any other
     cased letter or a combining mark (so "Łukasz" still looks like a capitalised word)."""
-    if ch in _DASHES:
+    kind = unicodedata.category(ch)
+    if kind == "Pd" or ch == "\u2212":  # any dash punctuation, and the minus sign
         return "-"
     parts = unicodedata.normalize("NFKD", ch)
     if parts[0].isascii() and parts[0].isprintable() and all(map(unicodedata.combining, parts[1:])):
         return parts[0]
-    kind = unicodedata.category(ch)
     if kind in ("Lu", "Lt"):
         return "A"
-    if kind in ("Ll", "Mn"):
-        return "a"
-    return "-" if kind == "Pd" else ch
+    return "a" if kind in ("Ll", "Mn") else ch
 
 
 def fold(text: str) -> str:

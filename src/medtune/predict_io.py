@@ -109,7 +109,7 @@ def _count_delimited(path: Path, sep: str) -> int | None:
 
 def _delimited(path: Path, sep: str, rows: int) -> Iterator[pd.DataFrame]:
     """A delimited file in DataFrames of ``rows`` rows, by training's rules
-    (``medtune.data.delimited_rows``), read a line at a time: memory stays bounded."""
+    (``medtune.tables.delimited_rows``), read a line at a time: memory stays bounded."""
     from medtune.tables import delimited_rows
 
     try:

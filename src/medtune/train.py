@@ -102,6 +102,14 @@ def _split_val(df, cfg: Config):
     return shuffled.iloc[n_val:], shuffled.iloc[:n_val]
 
 
+def _last_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of ``run_dir``, for --resume; none is an error."""
+    found = ckpt.complete_checkpoints(run_dir)
+    if not found:
+        raise MedtuneError(f"{run_dir}: --resume given but no complete checkpoint found")
+    return found[-1]
+
+
 def _fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Create the run directory. With --overwrite it is emptied: nothing of a previous run
     (metrics appended to, checkpoints picked by --resume, a full fine-tune's weights next to a new
@@ -122,8 +130,8 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     run_dir = Path(output)
     if rank == 0 and not resume:  # refused before any work; created once the inputs have loaded
         check_output_dir(run_dir, overwrite, inputs=[data, val, cfg.model.base])
-    if resume and not ckpt.complete_checkpoints(run_dir):  # before loading anything
-        raise MedtuneError(f"{run_dir}: --resume given but no complete checkpoint found")
+    if resume:
+        _last_checkpoint(run_dir)  # none: refused before anything is loaded
     if cfg.model.base != "embedded":
         resolve_base(cfg.model.base)  # a missing base fails here, before the data is read
     if not cfg.lora.enabled and cfg.model.quantization != "none":  # before any base is built
@@ -279,14 +287,12 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     scheduler = make_scheduler(optimizer, cfg, total)
     start_step, state, resumed = 0, {}, {}
     if resume:
-        found = ckpt.complete_checkpoints(s.run_dir)
-        if not found:
-            raise MedtuneError(f"{s.run_dir}: --resume given but no complete checkpoint found")
-        state = ckpt.load_checkpoint(found[-1], s.model, optimizer, scheduler, rank=s.rank)
+        last_ckpt = _last_checkpoint(s.run_dir)
+        state = ckpt.load_checkpoint(last_ckpt, s.model, optimizer, scheduler, rank=s.rank)
         start_step = state["step"]
         if s.rank == 0:
             resumed = drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
-            print(f"resuming from {found[-1].name} (step {start_step}/{total})", file=sys.stderr)
+            print(f"resuming from {last_ckpt.name} (step {start_step}/{total})", file=sys.stderr)
             changed = ckpt.config_changes(state.get("config"), s.meta["config"])
             if changed:  # the schedule and optimizer state came from the old config
                 print(f"warning: config changed since the checkpoint: {', '.join(changed)}; the "
