@@ -383,3 +383,19 @@ def test_merge_names_what_is_wrong_with_its_input(merged_dir, tmp_path):
         with pytest.raises(MedtuneError, match=message):
             merge(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_with_progress_false_shows_no_loading_or_writing_bars(qlora_run, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        merge(qlora_run, tmp_path / "quiet", progress=False)
+        quiet = capfd.readouterr().err
+        merge(qlora_run, tmp_path / "loud")
+        loud = capfd.readouterr().err
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+    assert "Loading weights" in loud and "Writing model shards" in loud
+    assert "Loading weights" not in quiet and "Writing model shards" not in quiet

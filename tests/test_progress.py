@@ -45,3 +45,22 @@ def test_make_progress_picks_by_terminal():
     assert isinstance(rich_bar, Progress)
     assert isinstance(P.make_progress("t", disable=True,
                                       console=Console(file=io.StringIO())), Progress)
+
+
+def test_library_bars_turns_transformers_bars_off_inside_only_and_restores():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        with P.library_bars(False):
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+        with P.library_bars(True):
+            assert hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # off already (HF_HUB_DISABLE_PROGRESS_BARS): stays off
+        with P.library_bars(True):
+            assert not hf_logging.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

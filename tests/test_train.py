@@ -454,3 +454,25 @@ def test_an_over_long_prompt_is_cut_in_training_exactly_as_prediction_cuts_it(fp
     (e,) = encode_examples(template, tok, [long_note], [shortest], 40, labels)
     assert len(e.input_ids) <= 40 and len(seen) == 1
     assert e.input_ids[:e.n_prompt] == seen[0]  # the model trains on the prompt it is scored on
+
+
+def test_progress_false_shows_no_library_bars_on_load_or_save(tiny_base, two_label_data, tmp_path,
+                                                              capfd):
+    """The Python API with progress=False (e.g. under TorchDistributor, once per process): no
+    "Loading weights" / "Writing model shards" bars; progress=True keeps them (the control)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as without HF_HUB_DISABLE_PROGRESS_BARS
+    try:
+        cfg = tiny_cfg(tiny_base, "lora.enabled=false", "model.quantization=none",
+                       "train.max_steps=1")
+        train(cfg, two_label_data, tmp_path / "quiet", val=two_label_data, progress=False)
+        quiet = capfd.readouterr().err
+        train(cfg, two_label_data, tmp_path / "loud", val=two_label_data, progress=True)
+        loud = capfd.readouterr().err
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+    assert "Loading weights" in loud and "Writing model shards" in loud
+    assert "Loading weights" not in quiet and "Writing model shards" not in quiet
+    assert hf_logging.is_progress_bar_enabled() == was

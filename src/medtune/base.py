@@ -163,7 +163,7 @@ def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpe
     start = time.time()
     from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
-    from medtune.progress import make_progress
+    from medtune.progress import library_bars, make_progress
 
     losses: list[float] = []
     with make_progress("base pretraining", TextColumn("[bold]base pretraining"), BarColumn(),
@@ -184,7 +184,7 @@ def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpe
             bar.update(task, advance=1, loss=sum(losses[-10:]) / len(losses[-10:]))
 
     model.eval()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, library_bars(progress):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "medtune_base.json", {

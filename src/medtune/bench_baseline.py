@@ -112,7 +112,7 @@ def run_medtune(spec: dict[str, Any]) -> dict[str, Any]:
     from medtune.train import fit, setup
 
     cfg = load_config(None, spec["overrides"])
-    s = setup(cfg, spec["data"], spec["work"], val=spec["val"], overwrite=True)
+    s = setup(cfg, spec["data"], spec["work"], val=spec["val"], overwrite=True, progress=False)
     lengths = [len(e.input_ids) for e in s.train]
     spe = steps_per_epoch(len(lengths), cfg.train.batch_size)
     mem = Memory(s.device)

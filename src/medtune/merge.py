@@ -82,9 +82,19 @@ def dequantize_into(full_model, quantized_model) -> int:
 
 def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
           overwrite: bool = False, probe_texts: list[str] | None = None,
-          source: str = "dequantized") -> dict[str, Any]:
+          source: str = "dequantized", progress: bool = True) -> dict[str, Any]:
     """``source='dequantized'`` (default) merges into the dequantized 4-/8-bit weights the adapter
-    was trained on; ``'original'`` merges into the original full-precision checkpoint."""
+    was trained on; ``'original'`` merges into the original full-precision checkpoint.
+    ``progress=False``: no loading or writing bars."""
+    from medtune.progress import library_bars
+
+    with library_bars(progress):
+        return _merge(run_dir, output, dtype=dtype, overwrite=overwrite, probe_texts=probe_texts,
+                      source=source)
+
+
+def _merge(run_dir: str | Path, output: str | Path, *, dtype: str, overwrite: bool,
+           probe_texts: list[str] | None, source: str) -> dict[str, Any]:
     from peft import PeftModel
 
     run_dir = model_dir(run_dir, "run directory")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 LINES = 10          # plain mode: about this many lines over the whole task
@@ -77,3 +79,21 @@ def bench_progress(label: str, disable: bool = False):
 
     return make_progress(label, TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                          TimeElapsedColumn(), disable=disable)
+
+
+@contextmanager
+def library_bars(enabled: bool) -> Iterator[None]:
+    """Inside the block, transformers' own bars ("Loading weights", "Writing model shards") show
+    only if ``enabled`` (and not turned off already, e.g. by ``HF_HUB_DISABLE_PROGRESS_BARS``);
+    the setting is restored after. ``progress=False`` in medtune's API then means no bars at all,
+    also on the other ranks of a distributed run."""
+    from transformers.utils import logging as hf_logging
+
+    turn_off = not enabled and hf_logging.is_progress_bar_enabled()
+    if turn_off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turn_off:
+            hf_logging.enable_progress_bar()

@@ -48,6 +48,7 @@ from medtune.model import (
     resolve_device,
 )
 from medtune.optim import _is_oom, make_optimizer, make_scheduler, param_groups
+from medtune.progress import library_bars
 from medtune.runlog import drop_metrics_after, plot_losses
 from medtune.scoring import check_head
 from medtune.sft import (
@@ -123,7 +124,7 @@ def _fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
-          resume: bool = False, overwrite: bool = False) -> Setup:
+          resume: bool = False, overwrite: bool = False, progress: bool = True) -> Setup:
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.model.device)
     rank, world = init_distributed(device)
@@ -166,11 +167,12 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         for turn in (0, 1):
             if (rank == 0) == (turn == 0):
                 base = str(build_base(list(train_df["text"]), extra_vocab_texts=labels,
-                                      progress=rank == 0))
+                                      progress=progress and rank == 0))
             barrier()
     tokenizer = load_tokenizer(base)
     quantized = cfg.model.quantization != "none"
-    model = load_base_model(base, cfg.model, tokenizer)
+    with library_bars(progress and rank == 0):
+        model = load_base_model(base, cfg.model, tokenizer)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.lora.enabled:
@@ -442,7 +444,7 @@ def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
           callbacks: list[Callback] | None = None) -> Path:
     """Setup -> fit -> save. Returns the run directory."""
-    s = setup(cfg, data, output, val=val, resume=resume, overwrite=overwrite)
+    s = setup(cfg, data, output, val=val, resume=resume, overwrite=overwrite, progress=progress)
     if s.rank == 0:
         s.template.save(s.run_dir)
         write_json(s.run_dir / "labels.json", {"task": cfg.data.task, "labels": s.labels})
@@ -451,7 +453,8 @@ def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     except Interrupted as stopped:
         raise MedtuneError(f"interrupted: checkpoint saved at step {stopped.args[0]}; "
                            f"continue with --resume") from None
-    out = save(s, summary)
+    with library_bars(progress):
+        out = save(s, summary)
     barrier()
     end_distributed()
     return out
