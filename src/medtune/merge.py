@@ -18,6 +18,7 @@ from medtune.config import ModelConfig
 from medtune.errors import MedtuneError
 from medtune.fsutil import atomic_dir, check_output_dir, write_json
 from medtune.model import DTYPES, as_trained, load_base_model, load_tokenizer, model_dir, read_meta
+from medtune.progress import library_bars
 from medtune.tasks import Template
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
@@ -86,8 +87,6 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
     """``source='dequantized'`` (default) merges into the dequantized 4-/8-bit weights the adapter
     was trained on; ``'original'`` merges into the original full-precision checkpoint.
     ``progress=False``: no loading or writing bars."""
-    from medtune.progress import library_bars
-
     with library_bars(progress):
         return _merge(run_dir, output, dtype=dtype, overwrite=overwrite, probe_texts=probe_texts,
                       source=source)

@@ -239,13 +239,12 @@ def load_labels(path: str | Path) -> list[str]:
     return list(labels)
 
 
-def as_trained(meta: dict[str, Any], cfg: ModelConfig | None = None,
-               quantization: str | None = None) -> ModelConfig:
+def as_trained(meta: dict[str, Any], cfg: ModelConfig | None = None) -> ModelConfig:
     """``cfg`` for rebuilding a run's quantized base as training built it. NF4 codes and scales
     depend on the dtype the weights were loaded in, so a run trained with bf16 compute (a GPU)
     is quantized from bf16 again, on any device; a compute_dtype set explicitly wins."""
     cfg = cfg or ModelConfig()
-    quant = quantization or meta.get("quantization", "none")
+    quant = meta.get("quantization", "none")
     dtype = cfg.compute_dtype
     if quant != "none" and dtype == "auto" and meta.get("compute_dtype") in DTYPES:
         dtype = str(meta["compute_dtype"])

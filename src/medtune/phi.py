@@ -296,8 +296,6 @@ def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
                 yield start, end, kind
 
 
-
-
 @functools.lru_cache(maxsize=8192)
 def _fold_char(ch: str) -> str:
     """One character for the patterns to see: an ASCII dash for any dash, the base letter or
