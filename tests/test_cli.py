@@ -165,3 +165,33 @@ def test_synth_errors_name_the_option_as_typed(tmp_path, args, message):
     out = medtune("data", "synth", *args, "-o", str(tmp_path / "s.csv"))
     assert out.returncode == 2 and out.stderr.strip() == message
     assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus"], "error: No such command 'bogus'. (see '"),
+    (["train", "--bogus"], "error: No such option: --bogus"),
+    (["predict", "--data", "d.csv"], "error: Missing option '--model'. (see '"),
+    (["data", "synth", "--n", "x"], "error: Invalid value for '--n'"),
+])
+def test_command_line_mistakes_print_one_line(tmp_path, args, message):
+    # click's own usage errors, drawn by typer as a multi-line box before: one line like the rest
+    out = medtune(*args, cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+    assert lines[0].endswith("--help')"), lines
+
+
+def test_no_arguments_still_show_help(tmp_path):
+    out = medtune("data", cwd=tmp_path)
+    assert out.returncode == 2 and "synth" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-confidence", "1.5"], "error: --min-confidence: must be >= 0 and <= 1, got 1.5"),
+    (["--merge", "maybe"], "error: --merge: unknown 'maybe' (choose from auto, yes, no)"),
+    (["--batch-size", "-1"], "error: --batch-size: must be >= 0, got -1"),
+])
+def test_predict_options_are_checked_like_config_keys_before_any_loading(tmp_path, args, message):
+    # the model 'm' does not exist: the option's error must come first, naming it as typed
+    out = medtune("predict", "--model", "m", "--data", "d.csv", "-o", "o.csv", *args, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == message

@@ -31,6 +31,9 @@ app.add_typer(base_app, name="base")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 
+# the exceptions of the click typer runs on (its vendored copy since typer 0.22, click before)
+_CLICK = sys.modules[typer.BadParameter.__module__]
+
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
@@ -295,14 +298,14 @@ def predict_cmd(
     overwrite: Overwrite = False,
 ) -> None:
     """Label-constrained prediction with confidence and abstention (or free generation)."""
-    from medtune.config import load_config
+    from medtune.config import load_config, set_value
     from medtune.predict import predict_file
 
     cfg = load_config(config, overrides)
     for key, value in (("mode", mode), ("min_confidence", min_confidence), ("batch_size", batch_size),
                        ("merge", merge), ("merge_dtype", merge_dtype)):
-        if value is not None:
-            setattr(cfg.predict, key, value)
+        if value is not None:  # checked as the config's own keys, named as typed
+            set_value(cfg, f"predict.{key}", value, "--" + key.replace("_", "-"))
     generate = cfg.predict.mode == "generate"
     if generate and cfg.predict.min_confidence > 0:
         raise ConfigError("--min-confidence needs constrained mode: generated answers have no "
@@ -467,7 +470,20 @@ def main() -> None:
     if debug:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)  # click's usage errors come here, printed below
+    except _CLICK.ClickException as exc:  # a bad command line: one line, like every other error
+        if isinstance(exc, getattr(_CLICK, "NoArgsIsHelpError", ())):
+            exc.show()  # `medtune data` alone: the group's help, as before
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # e.g. end of input at a prompt
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
     except MedtuneError as exc:
         if debug:
             raise
@@ -482,11 +498,10 @@ def main() -> None:
     except KeyboardInterrupt:  # outside typer's reach (e.g. while importing)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except SystemExit as exc:  # typer turns Ctrl-C into a silent exit 130
-        if exc.code == 130:
-            print("interrupted (outputs are written whole or not at all: nothing half-written "
-                  "was left)", file=sys.stderr)
-        raise
+    if code == 130:  # typer turns Ctrl-C into a silent exit 130
+        print("interrupted (outputs are written whole or not at all: nothing half-written "
+              "was left)", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

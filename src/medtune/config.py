@@ -301,6 +301,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def set_value(cfg: Config, key: str, value: Any, name: str | None = None) -> None:
+    """Set dotted ``key`` with the checks of a config file or override (a command-line option
+    mapped onto the config). ``name``: how an error names it (e.g. '--min-confidence')."""
+    try:
+        _apply(cfg, key, value)
+    except ConfigError as exc:
+        if name is None:
+            raise
+        raise ConfigError(str(exc).replace(key, name, 1)) from None
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     for section, values in data.items():
