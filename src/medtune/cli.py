@@ -4,7 +4,6 @@ the traceback)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,15 @@ from typing import Annotated
 import typer
 
 from medtune.cli_bench import bench_app
+from medtune.cli_data import data_app
+from medtune.cli_options import (
+    ConfigOpt,
+    LabelCol,
+    Overrides,
+    Overwrite,
+    TextCol,
+    print_json,
+)
 from medtune.errors import ConfigError, MedtuneError
 
 app = typer.Typer(
@@ -23,7 +31,6 @@ app = typer.Typer(
     "add --debug anywhere for the traceback. MEDTUNE_CACHE sets the cache directory (embedded "
     "bases, registry downloads; default ~/.cache/medtune).",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Inspect, split, scrub and synthesize data.")
 base_app = typer.Typer(no_args_is_help=True, help="The embedded tiny base model.")
 config_app = typer.Typer(no_args_is_help=True, help="Show resolved configuration.")
 app.add_typer(data_app, name="data")
@@ -33,17 +40,6 @@ app.add_typer(bench_app, name="bench")
 
 # the exceptions of the click typer runs on (its vendored copy since typer 0.22, click before)
 _CLICK = sys.modules[typer.BadParameter.__module__]
-
-Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
-TextCol = Annotated[str | None, typer.Option("--text-column", help="Text column (auto-detected).")]
-LabelCol = Annotated[str | None, typer.Option("--label-column", help="Label column (auto-detected).")]
-Task = Annotated[str, typer.Option("--task", help="protocol or mcqa.")]
-
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------- config
@@ -66,119 +62,6 @@ def config_show(
             print(f"{key} = {value!r}\n    {help_text}")
         return
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-
-
-# ----------------------------------------------------------------------------- data
-@data_app.command("inspect")
-def data_inspect(
-    file: Path,
-    against: Annotated[Path | None, typer.Option(help="Check leakage against this file.")] = None,
-    task: Task = "protocol",
-    text_column: TextCol = None,
-    label_column: LabelCol = None,
-    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir for token lengths.")] = None,
-    show_examples: Annotated[bool, typer.Option("--show-examples", help="Print example notes (may hold PHI).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-) -> None:
-    """Label counts, lengths, duplicates, near-duplicate labels and leakage (counts only)."""
-    from medtune.data import inspect_data, render_inspect
-
-    tok = None
-    if tokenizer:
-        from medtune.model import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
-    summary = inspect_data(
-        file,
-        against=against,
-        task=task,
-        text_column=text_column,
-        label_column=label_column,
-        tokenizer=tok,
-        show_examples=show_examples,
-    )
-    _print_json(summary) if as_json else render_inspect(summary)
-
-
-@data_app.command("split")
-def data_split(
-    file: Path,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
-    config: ConfigOpt = None,
-    overrides: Overrides = None,
-    task: Task = "protocol",
-    text_column: TextCol = None,
-    label_column: LabelCol = None,
-    min_count: Annotated[int | None, typer.Option(
-        help="Protocol task: drop labels rarer than this (default: data.min_count, 50).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
-    cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
-    overwrite: Overwrite = False,
-) -> None:
-    """Clean, dedup, filter rare labels and split into train/val/test (leakage-free)."""
-    from medtune.config import load_config, set_key
-    from medtune.data import split_data
-
-    cfg = load_config(config, overrides)
-    cfg.data.task = task if task != "protocol" else cfg.data.task
-    for key, value in (
-        ("text_column", text_column),
-        ("label_column", label_column),
-        ("min_count", min_count),
-        ("seed", seed),
-    ):
-        if value is not None:
-            set_key(cfg, f"data.{key}", value)  # checked like data.{key}=... (e.g. seed >= 0)
-    card = split_data(file, output, cfg.data, overwrite=overwrite, cop_base=cop_base)
-    sizes = card.get("splits", card.get("split_sizes", {}))
-    print(f"wrote {output}: {sizes}; labels kept: {len(card.get('labels_kept', card.get('labels', [])))}")
-
-
-@data_app.command("synth")
-def data_synth(
-    task: Task = "protocol",
-    n: Annotated[int, typer.Option(help="Rows.")] = 2000,
-    output: Annotated[Path, typer.Option("--output", "-o", help="CSV/JSONL/Parquet file.")] = Path("synth.csv"),
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same rows).")] = 0,
-    imbalance: Annotated[float, typer.Option(help="Zipf exponent of class sizes.")] = 1.0,
-    label_noise: Annotated[float, typer.Option(help="Fraction of flipped labels.")] = 0.0,
-    overwrite: Overwrite = False,
-) -> None:
-    """Generate synthetic protocol notes or MedMCQA-style questions (deterministic per seed)."""
-    from medtune.synth import write_synth
-
-    for flag, value, ok, rule in (("--n", n, n >= 0, ">= 0"), ("--imbalance", imbalance, imbalance >= 0, ">= 0"),
-                                  ("--label-noise", label_noise, 0 <= label_noise <= 1, "in [0, 1]")):
-        if not ok:  # named as typed (the library's own checks name its arguments)
-            raise ConfigError(f"{flag}: must be {rule}, got {value}")
-    path = write_synth(task, n, output, seed=seed, imbalance=imbalance, label_noise=label_noise, overwrite=overwrite)
-    print(f"wrote {n} {task} rows to {path}")
-
-
-@data_app.command("scrub")
-def data_scrub(
-    file: Path,
-    output: Annotated[Path, typer.Option("--output", "-o")],
-    text_column: TextCol = None,
-    also: Annotated[str, typer.Option(help="Comma list of more columns to scrub.")] = "",
-    overwrite: Overwrite = False,
-) -> None:
-    """Replace PHI (names, dates, phone, MRN, ...) with typed placeholders like [DATE].
-
-    Scrubs the text column (and --also columns); warns, with counts only, about other columns
-    in which PHI-like spans remain."""
-    from medtune.scrub import scrub_file
-    from medtune.tables import shown
-
-    extra = [c.strip() for c in also.split(",") if c.strip()]
-    counts = scrub_file(file, output, text_column=text_column, also=extra, overwrite=overwrite)
-    _print_json(counts)
-    left = counts.get("not_scrubbed", {})
-    if left:
-        listed = ", ".join(f"'{shown(c)}' ({n})" for c, n in left.items())
-        print(f"warning: {file}: PHI-like spans remain in columns not scrubbed: {listed}; "
-              f"scrub them too with --also "
-              f"{','.join(shown(c) for c in left)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- base / train / merge
@@ -257,7 +140,7 @@ def merge_cmd(
     """Merge a LoRA adapter into an unquantized base and verify the logits match."""
     from medtune.merge import merge
 
-    _print_json(merge(run_dir, output, dtype=dtype, overwrite=overwrite, source=source))
+    print_json(merge(run_dir, output, dtype=dtype, overwrite=overwrite, source=source))
 
 
 # ----------------------------------------------------------------------------- predict / evaluate
@@ -298,14 +181,14 @@ def predict_cmd(
     overwrite: Overwrite = False,
 ) -> None:
     """Label-constrained prediction with confidence and abstention (or free generation)."""
-    from medtune.config import load_config, set_value
+    from medtune.config import load_config, set_key
     from medtune.predict import predict_file
 
     cfg = load_config(config, overrides)
     for key, value in (("mode", mode), ("min_confidence", min_confidence), ("batch_size", batch_size),
                        ("merge", merge), ("merge_dtype", merge_dtype)):
         if value is not None:  # checked as the config's own keys, named as typed
-            set_value(cfg, f"predict.{key}", value, "--" + key.replace("_", "-"))
+            set_key(cfg, f"predict.{key}", value, "--" + key.replace("_", "-"))
     generate = cfg.predict.mode == "generate"
     if generate and cfg.predict.min_confidence > 0:
         raise ConfigError("--min-confidence needs constrained mode: generated answers have no "
@@ -329,7 +212,7 @@ def predict_cmd(
         cop_base=cop_base,
         model_cfg=cfg.model,
     )
-    _print_json(summary)
+    print_json(summary)
 
 
 @app.command("evaluate")
@@ -376,7 +259,7 @@ def evaluate_cmd(
     keys = ["accuracy", "macro_f1", "weighted_f1", "ece", "semantic_similarity", "outside_label_set"]
     keys += ["abstained"] * (min_confidence > 0)  # rows below the threshold (still scored)
     keys += ["gold_outside_label_set"] * bool(metrics.get("gold_outside_label_set"))
-    _print_json({k: metrics[k] for k in keys if k in metrics} | {"report": str(output / "report.html")})
+    print_json({k: metrics[k] for k in keys if k in metrics} | {"report": str(output / "report.html")})
 
 
 @app.command("demo")
@@ -413,7 +296,7 @@ def ablate_cmd(
                   base=base, steps=steps, quantizations=[q for q in quantizations.split(",") if q],
                   adaptations=[a for a in adaptations.split(",") if a], overwrite=overwrite,
                   cfg=load_config(config, overrides))
-    _print_json([{k: r.get(k) for k in ("quantization", "adaptation", "status", "accuracy")} for r in rows])
+    print_json([{k: r.get(k) for k in ("quantization", "adaptation", "status", "accuracy")} for r in rows])
 
 
 # ----------------------------------------------------------------------------- registry / serve
@@ -426,7 +309,7 @@ def register_cmd(
     """Log a run or merged model to MLflow as a pyfunc model, register it and set an alias."""
     from medtune.registry import register
 
-    _print_json(register(run_dir, name, alias))
+    print_json(register(run_dir, name, alias))
 
 
 @app.command("serve")

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+from medtune.cli_options import Overwrite
+
 bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side benchmarks (one run, ratios printed).")
 
 

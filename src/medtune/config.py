@@ -218,10 +218,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def set_key(cfg: Config, key: str, value: Any) -> None:
+def set_key(cfg: Config, key: str, value: Any, name: str | None = None) -> None:
     """Set dotted ``key`` with the same coercion and checks as a file or override value (for
-    CLI options that map to config keys)."""
-    _apply(cfg, key, value)
+    CLI options that map to config keys). ``name``: how an error names it ('--min-confidence')."""
+    try:
+        _apply(cfg, key, value)
+    except ConfigError as exc:
+        if name is None:
+            raise
+        raise ConfigError(str(exc).replace(key, name, 1)) from None
 
 
 def _apply(obj: Any, key: str, value: Any) -> None:
@@ -299,17 +304,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _apply(cfg, key, value)
     return cfg
-
-
-def set_value(cfg: Config, key: str, value: Any, name: str | None = None) -> None:
-    """Set dotted ``key`` with the checks of a config file or override (a command-line option
-    mapped onto the config). ``name``: how an error names it (e.g. '--min-confidence')."""
-    try:
-        _apply(cfg, key, value)
-    except ConfigError as exc:
-        if name is None:
-            raise
-        raise ConfigError(str(exc).replace(key, name, 1)) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

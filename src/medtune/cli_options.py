@@ -1,0 +1,20 @@
+"""Command-line options shared by the verbs of ``medtune.cli`` and ``medtune.cli_data``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+TextCol = Annotated[str | None, typer.Option("--text-column", help="Text column (auto-detected).")]
+LabelCol = Annotated[str | None, typer.Option("--label-column", help="Label column (auto-detected).")]
+Task = Annotated[str, typer.Option("--task", help="protocol or mcqa.")]
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
