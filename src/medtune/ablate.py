@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import Config, PredictConfig
-from medtune.errors import ConfigError, MedtuneError
+from medtune.errors import ConfigError, MedtuneError, describe, first_line
 from medtune.fsutil import atomic_dir, check_output_dir, write_json, write_text
 
 QUANTIZATIONS = ("none", "8bit", "nf4")
@@ -57,8 +57,7 @@ def quantization_unavailable(quantization: str, device: str) -> str | None:
         if x.grad is None or not torch.isfinite(x.grad).all():
             return f"{quantization} kernels gave no usable gradient on {device}"
     except Exception as exc:  # any kernel failure means: this cell cannot run here
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return f"bitsandbytes {quantization} fails on {device}: {type(exc).__name__}: {first}"
+        return f"bitsandbytes {quantization} fails on {device}: {describe(exc)}"
     return None
 
 
@@ -198,8 +197,7 @@ def ablate(data: str, output: str, *, val: str | None = None, test: str | None =
                         row.update(_run_cell(c, data, val, out / "cells" / f"{q}-{a}",
                                              base_dir, labels_file, texts, gold, q, a, progress))
                     except (MedtuneError, RuntimeError, ValueError, OSError) as exc:
-                        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                        row["status"] = f"failed: {first}"
+                        row["status"] = f"failed: {first_line(exc)}"
                         shutil.rmtree(out / "cells" / f"{q}-{a}", ignore_errors=True)
                 rows.append(row)
         _write(out, settings, rows)

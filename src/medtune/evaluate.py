@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import PredictConfig
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, describe
 from medtune.fsutil import atomic_dir, atomic_file, check_output_dir
 
 LATENCY_SAMPLE = 50  # notes predicted one at a time for p50/p95 latency
@@ -176,8 +176,7 @@ def _child_main(job, result_path: str) -> None:
         torch.set_num_threads(threads)  # a fresh interpreter starts with torch's default
         answer: tuple[str, Any] = ("ok", measure(**kwargs))
     except BaseException as exc:  # report to the parent, one line
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        answer = ("error", f"{type(exc).__name__}: {first}")
+        answer = ("error", describe(exc))
     with atomic_file(result_path) as tmp:
         tmp.write_bytes(pickle.dumps(answer))
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from medtune.config import LoraConfig, ModelConfig
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, first_line
 from medtune.fsutil import read_json
 from medtune.tasks import Template
 
@@ -146,7 +146,7 @@ def load_base_model(base: str, cfg: ModelConfig, tokenizer: Any | None = None,
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_base(base), **kwargs)
     except (OSError, ValueError) as exc:
-        raise MedtuneError(f"{base}: could not load model ({str(exc).splitlines()[0]})") from None
+        raise MedtuneError(f"{base}: could not load model ({first_line(exc)})") from None
     if qc is None:
         model.to(device)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -201,7 +201,7 @@ def attach_lora(model, lora: LoraConfig, *, quantized: bool, upcast_frozen: bool
         if "target" not in str(exc).lower():
             raise
         raise MedtuneError(f"lora.target_modules={lora.target_modules}: "
-                           f"{str(exc).splitlines()[0][:300]}") from None
+                           f"{first_line(exc)}") from None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from medtune.errors import DataError
+from medtune.errors import DataError, describe
 
 DELIMITED = {".csv": ",", ".tsv": "\t", ".txt": None}  # None: sniff the delimiter
 JSON_LINES = {".jsonl", ".ndjson", ".json"}
@@ -235,8 +235,7 @@ def _read_parquet(path: Path):
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for unreadable files
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise DataError(f"{path}: cannot read Parquet ({type(exc).__name__}: {first})") from None
+        raise DataError(f"{path}: cannot read Parquet ({describe(exc)})") from None
     data: dict[str, list[str]] = {}
     for name, column in zip(table.column_names, table.columns, strict=True):
         values = []
