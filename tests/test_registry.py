@@ -207,3 +207,36 @@ def test_register_refuses_bad_names_before_logging_anything(tmp_path, name, alia
     with pytest.raises(MedtuneError) as info:  # no store touched: the check comes first
         register(tmp_path / "nowhere", name, alias)
     assert str(info.value).startswith(message)
+
+
+def test_a_version_number_registered_anew_is_not_served_from_the_old_cache(store, merged_dir):
+    # MLflow numbers versions from 1 again after a model is deleted: the cache must not hand
+    # back the deleted model's files for the new version 1
+    import mlflow
+
+    register(merged_dir, "again")
+    first = resolve_model_uri("models:/again/1")
+    mlflow.MlflowClient().delete_registered_model("again")
+    assert register(merged_dir, "again")["version"] == "1"
+    second = resolve_model_uri("models:/again/1")
+    assert second != first and os.path.isdir(second)
+    assert resolve_model_uri("models:/again/1") == second  # and it is cached from then on
+
+
+def test_pyfunc_blank_cells_of_any_kind_are_blank_notes():
+    from medtune.registry import MedtuneModel
+
+    seen: list[list[str]] = []
+
+    class Echo:
+        def predict_texts(self, texts):
+            seen.append(texts)
+            return [{"prediction": "A", "confidence": 1.0, "abstained": not t, "top_k": []}
+                    for t in texts]
+
+    model = MedtuneModel()
+    model.predictor = Echo()
+    frame = pd.DataFrame({"text": pd.array(["chest pain", pd.NA, None], dtype="string")})
+    out = model.predict(None, frame)
+    assert seen == [["chest pain", "", ""]]  # pd.NA was scored as the text '<NA>'
+    assert out["abstained"].tolist() == [False, True, True]

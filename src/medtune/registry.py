@@ -27,8 +27,9 @@ from typing import Any
 import pandas as pd  # MLflow resolves MedtuneModel.predict's type hints in this module
 
 from medtune.config import Config
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, first_line
 from medtune.fsutil import atomic_dir, read_json, write_json
+from medtune.metrics import as_label_strings
 
 try:  # mlflow is an optional extra (medtune[mlflow])
     import mlflow
@@ -197,8 +198,7 @@ class MedtuneModel(PythonModel):
         # the DataFrame hints keep MLflow from warning at every log; the signature is explicit
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         column = "text" if "text" in frame.columns else frame.columns[0]
-        texts = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                 for v in frame[column].tolist()]
+        texts = as_label_strings(frame[column].tolist())  # None, NaN, pd.NA: a blank note
         rows = self.predictor.predict_texts(texts)
         return pd.DataFrame({
             "prediction": [r["prediction"] for r in rows],
@@ -330,9 +330,13 @@ def resolve_model_uri(uri: str) -> str:
             else client.get_model_version(name, str(version))
     except MlflowException as exc:
         raise MedtuneError(f"{uri}: not found in the registry at {tracking_uri()} "
-                           f"({str(exc).splitlines()[0]})") from None
-    store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:12]  # one cache per registry
-    target = _cache_root() / store / _safe(name) / str(mv.version)
+                           f"({first_line(exc)})") from None
+    # one cache per registry, and per registered version's identity: MLflow numbers versions
+    # again from 1 after a model is deleted and registered anew, and a relative sqlite URI names
+    # a different registry in every directory
+    store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:12]
+    identity = hashlib.sha256(f"{mv.source}|{mv.run_id}|{mv.creation_timestamp}".encode())
+    target = _cache_root() / store / _safe(name) / f"{mv.version}-{identity.hexdigest()[:12]}"
     if not (target / "COMPLETE").is_file():
         with atomic_dir(target) as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
