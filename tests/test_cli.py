@@ -195,3 +195,14 @@ def test_predict_options_are_checked_like_config_keys_before_any_loading(tmp_pat
     # the model 'm' does not exist: the option's error must come first, naming it as typed
     out = medtune("predict", "--model", "m", "--data", "d.csv", "-o", "o.csv", *args, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip() == message
+
+
+@pytest.mark.parametrize("exc, line, described", [
+    (MemoryError(), "MemoryError", "MemoryError"),  # empty message: str(exc).splitlines() == []
+    (ValueError("\n\n  bad value  \nmore"), "bad value", "ValueError: bad value"),
+    (OSError("x" * 400), "x" * 300, "OSError: " + "x" * 300),
+])
+def test_error_lines_never_fail_on_the_message_they_describe(exc, line, described):
+    from medtune.errors import describe, first_line
+
+    assert first_line(exc) == line and describe(exc) == described

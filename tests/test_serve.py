@@ -215,6 +215,26 @@ def test_concurrency_limit_429():
         assert c.post("/v1/predict", json={"note": "abcd"}).status_code == 200
 
 
+def _queue_behind_first(app, fake: FakePredictor, gate: threading.Event, post, first,
+                        rest: list) -> None:
+    """post(first) and hold its batch at ``gate`` until every post(r) of ``rest`` waits in the
+    batcher's queue; then release and wait for all of them."""
+    threads = [threading.Thread(target=post, args=(first,))]
+    threads[0].start()
+    assert fake.entered.wait(20)  # the first batch is running; the rest must queue
+    threads += [threading.Thread(target=post, args=(r,)) for r in rest]
+    for t in threads[1:]:
+        t.start()
+    queue = app.state.medtune["batcher"].queue
+    deadline = time.monotonic() + 20
+    while queue.qsize() < len(rest):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(20)
+
+
 def test_micro_batching_groups_concurrent_requests():
     gate = threading.Event()
     fake = FakePredictor(gate)
@@ -226,20 +246,7 @@ def test_micro_batching_groups_concurrent_requests():
         def post(n: int) -> None:
             results[n] = c.post("/v1/predict", json={"note": "x" * n}).json()
 
-        threads = [threading.Thread(target=post, args=(1,))]
-        threads[0].start()
-        assert fake.entered.wait(20)  # the first batch is running; the rest must queue
-        threads += [threading.Thread(target=post, args=(n,)) for n in range(2, 9)]
-        for t in threads[1:]:
-            t.start()
-        queue = app.state.medtune["batcher"].queue
-        deadline = time.monotonic() + 20
-        while queue.qsize() < 7:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        gate.set()
-        for t in threads:
-            t.join(20)
+        _queue_behind_first(app, fake, gate, post, 1, list(range(2, 9)))
     assert fake.calls == [1, 4, 3]  # 7 waiting notes: one batch of max_batch_size, then 3
     assert {n: r["predictions"][0]["label"] for n, r in results.items()} \
         == {n: f"n{n}" for n in range(1, 9)}
@@ -270,7 +277,87 @@ def test_not_ready_503_then_ready_and_load_failure():
         while "failed" not in c.get("/readyz").json()["detail"]:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        ready = c.get("/readyz")  # public: no path, and no Retry-After for what will not recover
+        assert ready.json()["status"] == "failed" and "nowhere" not in ready.text
+        assert "retry-after" not in ready.headers
         assert "model directory not found" in c.get("/v1/labels").json()["detail"]
+
+
+def test_a_load_failure_without_a_message_is_reported_not_loading_forever():
+    def out_of_memory():
+        raise MemoryError()  # str() is empty: the failure must still be recorded
+
+    with TestClient(create_app(out_of_memory)) as c:
+        deadline = time.monotonic() + 20
+        while c.get("/readyz").json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert c.get("/v1/labels").json()["detail"] == "model failed to load: MemoryError"
+
+
+def test_one_requests_failing_note_does_not_fail_the_requests_batched_with_it():
+    gate = threading.Event()
+
+    class Picky(FakePredictor):
+        def predict_texts(self, texts):
+            rows = super().predict_texts(texts)
+            if "boom" in texts:
+                raise ValueError("a note this model cannot score")
+            return rows
+
+    fake = Picky(gate)
+    app = create_app(lambda: fake, batch_window_ms=20, max_concurrency=16)
+    results: dict[str, object] = {}
+    with TestClient(app) as c:
+        _wait_ready(c)
+
+        def post(note: str) -> None:
+            results[note] = c.post("/v1/predict", json={"note": note})
+
+        _queue_behind_first(app, fake, gate, post, "first", ["boom", "fine"])
+    assert fake.calls == [1, 2, 1, 1]  # the failed pair, then each request alone
+    assert results["boom"].status_code == 500
+    assert results["fine"].status_code == 200 and results["first"].status_code == 200
+    assert results["fine"].json()["predictions"][0]["label"] == "n4"
+
+
+def test_server_threshold_applies_unless_the_request_sets_its_own():
+    with TestClient(create_app(lambda: FakePredictor(), min_confidence=0.8)) as c:
+        _wait_ready(c)  # the fake's confidence is 0.75
+        assert c.post("/v1/predict", json={"note": "a"}).json()["predictions"][0]["abstained"]
+        own = c.post("/v1/predict", json={"note": "a", "min_confidence": 0.5}).json()
+        assert own["predictions"][0]["abstained"] is False
+    with pytest.raises(MedtuneError, match=r"min_confidence must be in \[0, 1\], got 1.5"):
+        create_app(lambda: FakePredictor(), min_confidence=1.5)
+
+
+def test_api_key_surrounding_whitespace_is_ignored_and_a_blank_key_refused():
+    with TestClient(create_app(lambda: FakePredictor(), api_key="from-a-file\n")) as c:
+        _wait_ready(c)
+        ok = c.get("/v1/labels", headers={"Authorization": "Bearer from-a-file"})
+        assert ok.status_code == 200
+    with pytest.raises(MedtuneError, match="the API key is blank"):
+        create_app(lambda: FakePredictor(), api_key="  ")
+
+
+def test_a_client_that_leaves_mid_upload_is_logged_as_499_not_500(caplog):
+    import asyncio
+
+    from medtune.serve_asgi import Guard
+
+    async def never_called(scope, receive, send):
+        raise AssertionError("the app must not run for a request that never arrived")
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise AssertionError("nothing is sent to a client that has left")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": []}
+    with caplog.at_level(logging.INFO, logger="medtune.serve"):
+        asyncio.run(Guard(never_called, api_key=None, max_body_bytes=100)(scope, gone, send))
+    assert "POST /v1/predict 499" in caplog.text
 
 
 def test_api_key_from_environment(monkeypatch):

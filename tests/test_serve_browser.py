@@ -34,16 +34,9 @@ def _require_browser():
         pytest.skip(reason)
 
 
-def test_page_predicts_in_headless_chromium(merged_dir):
-    _require_browser()
+def _chromium():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from medtune.serve import create_app, serving_in_thread
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -51,9 +44,21 @@ def test_page_predicts_in_headless_chromium(merged_dir):
                 "--disable-extensions", "--no-first-run", "--no-proxy-server"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+
+
+def test_page_predicts_in_headless_chromium(merged_dir):
+    _require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from medtune.serve import create_app, serving_in_thread
+
     app = create_app(str(merged_dir), api_key=KEY)
     with serving_in_thread(app) as url:
-        driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+        driver = _chromium()
         try:
             driver.set_page_load_timeout(30)
             wait = WebDriverWait(driver, 20)
@@ -91,5 +96,29 @@ def test_page_predicts_in_headless_chromium(merged_dir):
             severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
                       and "401" not in e.get("message", "")]
             assert severe == []
+        finally:
+            driver.quit()
+
+
+def test_page_says_when_the_model_failed_to_load():
+    _require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from medtune.errors import MedtuneError
+    from medtune.serve import create_app, serving_in_thread
+
+    def broken():
+        raise MedtuneError("/secret/path: model directory not found")
+
+    with serving_in_thread(create_app(broken), wait_ready=False) as url:
+        driver = _chromium()
+        try:
+            driver.set_page_load_timeout(30)
+            driver.get(url + "/")
+            status = WebDriverWait(driver, 20).until(  # not "Model loading..." forever
+                lambda d: d.find_element(By.ID, "status").text.startswith("Model failed")
+                and d.find_element(By.ID, "status").text)
+            assert "server log" in status and "secret" not in status
         finally:
             driver.quit()

@@ -327,6 +327,9 @@ def serve_cmd(
     max_batch: Annotated[int, typer.Option(help="Most notes in one request; more: 422.", min=1)] = 64,
     max_concurrency: Annotated[int, typer.Option(
         help="Requests in flight at once; more get 429 with Retry-After.", min=1)] = 8,
+    min_confidence: Annotated[float | None, typer.Option(
+        help="Abstain (flag for human review) below this probability unless a request sends "
+             "its own min_confidence; unset: only blank notes abstain.", min=0, max=1)] = None,
 ) -> None:
     """HTTP API (POST /v1/predict, /healthz, /readyz, /v1/labels, /docs) and a web page at /."""
     from medtune.serve import serve
@@ -340,6 +343,7 @@ def serve_cmd(
         max_note_chars=max_note_chars,
         max_batch=max_batch,
         max_concurrency=max_concurrency,
+        min_confidence=min_confidence,
     )
 
 

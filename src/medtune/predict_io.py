@@ -1,9 +1,10 @@
 """Streamed reading and writing of prediction files (used by ``predict`` and ``spark``).
 
-Input is read in chunks of ``chunk_rows`` rows: CSV/TSV via pandas ``chunksize``, Parquet via
-pyarrow record batches, JSONL line by line (a single-array .json file is read whole). Columns are
-found with the same names and rules as ``medtune.data``. Output rows are appended chunk by chunk
-to one CSV or Parquet file (the caller gives a temporary path and renames it at the end).
+Input is read in chunks of ``chunk_rows`` rows: CSV/TSV record by record
+(``tables.delimited_rows``), Parquet via pyarrow record batches, JSONL line by line (a
+single-array .json file is read whole). Columns are found with the same names and rules as
+``medtune.data``. Output rows are appended chunk by chunk to one CSV or Parquet file (the caller
+gives a temporary path and renames it at the end).
 """
 
 from __future__ import annotations

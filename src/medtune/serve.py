@@ -2,13 +2,16 @@
 
     GET  /          web page (self-contained: inline CSS/JS, no external assets)
     GET  /healthz   200 while the process is up
-    GET  /readyz    200 once the model is loaded, else 503 (+ Retry-After)
+    GET  /readyz    200 once the model is loaded; 503 while loading (+ Retry-After) or after a
+                    failed load (the reason goes to the server log and the keyed routes)
     GET  /v1/labels the label set
     POST /v1/predict {"note": "..."} or {"notes": [...]}, optional "min_confidence"
 
-Micro-batching: every request puts its notes on one queue; a single worker takes up to
-``max_batch_size`` notes that arrive within ``batch_window_ms`` and runs one ``predict_texts``
-call in a worker thread, then resolves each request's future. Under load, batches fill at once.
+Micro-batching: every request puts its notes on one queue; a single worker gathers the requests
+that arrive within ``batch_window_ms`` while their notes fit in ``max_batch_size`` (a larger
+request runs alone) and runs one ``predict_texts`` call in a worker thread, then resolves each
+request's future. Under load, batches fill at once. If a batch of several requests fails, each
+runs again alone: one request's bad note fails that request only.
 
 Security: bearer token (``api_key`` or $MEDTUNE_API_KEY) on every route except /, /healthz and
 /readyz; body limit (413), JSON bodies only (415), note length and batch size limits (422),
@@ -18,7 +21,6 @@ method, route, status and latency only (uvicorn's own access log is off).
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import os
@@ -27,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,178 +39,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, describe
+from medtune.serve_asgi import Guard, MicroBatcher
 
 log = logging.getLogger("medtune.serve")
-PUBLIC = frozenset({"/", "/healthz", "/readyz"})
-ROUTES = frozenset({*PUBLIC, "/v1/labels", "/v1/predict", "/docs", "/openapi.json", "/redoc"})
 PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
             "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'")
-
-
-# ----------------------------------------------------------------------------- batching
-@dataclass
-class _Job:
-    texts: list[str]
-    future: asyncio.Future = field(repr=False)
-
-
-class MicroBatcher:
-    """Collects the notes of concurrent requests into batches for one predict function."""
-
-    def __init__(self, predict: Callable[[list[str]], list[dict[str, Any]]], *,
-                 executor: ThreadPoolExecutor, window_ms: float = 5, max_size: int = 32):
-        self.predict = predict
-        self.executor = executor
-        self.window = window_ms / 1000
-        self.max_size = max(1, max_size)
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self.batches = 0  # predict calls made (tests and the load test read it)
-
-    async def submit(self, texts: list[str]) -> list[dict[str, Any]]:
-        job = _Job(texts, asyncio.get_running_loop().create_future())
-        await self.queue.put(job)
-        return await job.future
-
-    async def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None]:
-        """``first`` plus the jobs that arrive within the window and fit in max_size; a job that
-        does not fit is carried over to the next batch."""
-        loop = asyncio.get_running_loop()
-        batch, n = [first], len(first.texts)
-        deadline = loop.time() + self.window
-        while n < self.max_size:
-            remaining = deadline - loop.time()
-            try:
-                job = self.queue.get_nowait() if remaining <= 0 else \
-                    await asyncio.wait_for(self.queue.get(), remaining)
-            except (TimeoutError, asyncio.QueueEmpty):
-                break
-            if n + len(job.texts) > self.max_size:
-                return batch, job
-            batch.append(job)
-            n += len(job.texts)
-        return batch, None
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        carry: _Job | None = None
-        while True:
-            first = carry or await self.queue.get()
-            batch, carry = await self._collect(first)
-            batch = [job for job in batch if not job.future.done()]  # client went away
-            if not batch:
-                continue
-            texts = [t for job in batch for t in job.texts]
-            try:
-                rows = await loop.run_in_executor(self.executor, self.predict, texts)
-                if len(rows) != len(texts):
-                    raise RuntimeError(f"{len(rows)} predictions for {len(texts)} notes")
-            except Exception as exc:  # every waiting request gets the error
-                log.error("prediction failed: %s", type(exc).__name__)
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            self.batches += 1
-            start = 0
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_result(rows[start:start + len(job.texts)])
-                start += len(job.texts)
-
-
-# ----------------------------------------------------------------------------- guard
-async def _send_json(send, status: int, body: dict[str, Any],
-                     headers: dict[str, str] | None = None) -> None:
-    import json
-
-    data = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
-
-
-class Guard:
-    """ASGI middleware: bearer token, body size limit, security headers and an access log that
-    records method, route, status and latency only (never bodies or query strings)."""
-
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body = max_body_bytes
-
-    def _authorized(self, scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
-                                                                           self.api_key)
-        return False
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        path = scope.get("path", "")
-        status = [500]
-
-        async def send_logged(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-content-type-options", b"nosniff"),
-                                      (b"referrer-policy", b"no-referrer")]
-            await send(message)
-
-        try:
-            await self._handle(scope, receive, send_logged, path)
-        finally:
-            log.info("%s %s %d %.1fms", scope.get("method", "-"),
-                     path if path in ROUTES else "<other>", status[0],
-                     (time.perf_counter() - start) * 1000)
-
-    async def _handle(self, scope, receive, send, path: str) -> None:
-        if self.api_key and path not in PUBLIC and not self._authorized(scope):
-            await _send_json(send, 401, {"detail": "missing or invalid API key "
-                                         "(send 'Authorization: Bearer <key>')"},
-                             {"www-authenticate": "Bearer"})
-            return
-        too_big = {"detail": f"request body larger than {self.max_body} bytes"}
-        headers = dict(scope.get("headers", []))
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body:
-            await _send_json(send, 413, too_big)
-            return
-        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope.get("method") == "POST" and kind not in (b"application/json", b"") \
-                and not kind.endswith(b"+json"):
-            await _send_json(send, 415, {"detail": f"send JSON (content-type: application/json), "
-                                         f"not {kind.decode('latin-1')[:60]}"})
-            return
-        chunks, size, more = [], 0, True
-        while more:  # read the whole (bounded) body first, then replay it to the app
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await _send_json(send, 413, too_big)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 # ----------------------------------------------------------------------------- app
@@ -251,11 +87,18 @@ def _error_message(errors: list[dict[str, Any]]) -> str:
 
 def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 1_000_000,
                max_note_chars: int = 20_000, max_batch: int = 64, max_concurrency: int = 8,
-               batch_window_ms: float = 5, max_batch_size: int = 32) -> FastAPI:
+               batch_window_ms: float = 5, max_batch_size: int = 32,
+               min_confidence: float | None = None) -> FastAPI:
     """The service for ``model``: a Predictor factory (a callable returning an object with
     ``labels`` and ``predict_texts``), a model directory, or a ``models:/NAME@alias`` URI.
-    The model is loaded in the background at startup; /readyz says when it is ready."""
+    The model is loaded in the background at startup; /readyz says when it is ready.
+    ``min_confidence``: abstain below it unless a request sets its own (None: the predictor's
+    own flags, which for a model directory means only blank notes abstain)."""
     api_key = api_key if api_key is not None else (os.environ.get("MEDTUNE_API_KEY") or None)
+    if api_key is not None and not api_key.strip():
+        raise MedtuneError("the API key is blank: set a non-empty key or none")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise MedtuneError(f"min_confidence must be in [0, 1], got {min_confidence}")
     factory, model_name = _loader(model)
     state: dict[str, Any] = {"predictor": None, "error": None, "inflight": 0, "batcher": None}
     page = resources.files("medtune").joinpath("web/index.html").read_text(encoding="utf-8")
@@ -271,7 +114,8 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
         notes: Annotated[list[Note], Field(min_length=1, max_length=max_batch)] | None = \
             Field(None, description=f"Up to {max_batch} notes.")
         min_confidence: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = Field(
-            None, description="Abstain below this probability (default: the model's).")
+            None, description="Abstain below this probability (default: the server's "
+                              "--min-confidence, if set).")
 
         @model_validator(mode="after")
         def _one_of(self):
@@ -307,7 +151,7 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
             try:
                 predictor = await loop.run_in_executor(executor, factory)
             except Exception as exc:  # reported by /readyz; the process stays up
-                state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                state["error"] = describe(exc)
                 log.error("model failed to load: %s", state["error"])
                 return
             state["batcher"] = batcher = MicroBatcher(
@@ -339,12 +183,15 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
               429: {"description": "Too many concurrent requests"},
               503: {"description": "Model not loaded yet"}}
 
-    def unavailable() -> JSONResponse | None:
+    def unavailable(public: bool = False) -> JSONResponse | None:
         if state["predictor"] is not None:
             return None
-        detail = f"model failed to load: {state['error']}" if state["error"] else \
-            "model is loading"
-        return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "5"})
+        if state["error"]:  # no retry will help; the public route does not show paths
+            reason = "see the server log" if public else state["error"]
+            return JSONResponse({"status": "failed", "detail": f"model failed to load: {reason}"},
+                                503)
+        return JSONResponse({"status": "loading", "detail": "model is loading"}, 503,
+                            headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -364,7 +211,7 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
 
     @app.get("/readyz", responses={503: errors[503]})
     async def readyz() -> Any:
-        return unavailable() or {"status": "ready", "model": model_name}
+        return unavailable(public=True) or {"status": "ready", "model": model_name}
 
     @app.get("/v1/labels", dependencies=bearer, response_model=LabelsResponse,
              responses={k: errors[k] for k in (401, 503)})
@@ -390,12 +237,12 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
         finally:
             state["inflight"] -= 1
         out = []
+        threshold = body.min_confidence if body.min_confidence is not None else min_confidence
         for text, row in zip(texts, rows, strict=True):
             confidence = _finite(row.get("confidence"))
             abstained = bool(row.get("abstained"))
-            if body.min_confidence is not None:
-                abstained = not text.strip() or confidence is None \
-                    or confidence < body.min_confidence
+            if threshold is not None:
+                abstained = not text.strip() or confidence is None or confidence < threshold
             out.append(Prediction(
                 label=str(row["prediction"]), confidence=confidence, abstained=abstained,
                 top_k=[Alternative(label=str(lab), probability=_finite(p))
