@@ -319,6 +319,20 @@ def test_a_labels_file_listing_a_label_twice_is_refused(tmp_path):
     assert load_labels(tmp_path) == ["CT Head", "L-Spine"]
 
 
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"labels.json: not valid JSON \(line 1: Expecting property name"),
+    ('{"a": 1}', r'labels.json: expected a non-empty JSON list of label strings, or \{"labels"'),
+    ('"CT Sinus"', "labels.json: expected a non-empty JSON list"),  # was split into characters
+    ("[]", "labels.json: expected a non-empty JSON list"),
+])
+def test_a_malformed_labels_file_is_one_error_line(tmp_path, content, message):
+    from medtune.model import load_labels
+
+    (tmp_path / "labels.json").write_text(content)
+    with pytest.raises(MedtuneError, match=message):
+        load_labels(tmp_path / "labels.json")
+
+
 def test_task_defaults_to_the_models_and_an_explicit_other_task_is_refused(tmp_path):
     from medtune.errors import ConfigError
 
@@ -349,3 +363,16 @@ def test_a_note_longer_than_the_model_prints_no_indexing_warning(merged_dir, cap
     tok.model_max_length = 16  # as a real model's tokenizer says (512, 2048, ...)
     assert len(tok("pain " * 100)["input_ids"]) > 16  # medtune cuts prompts itself
     assert "indexing errors" not in capfd.readouterr().err + caplog.text
+
+
+def test_labels_replacing_a_fine_tuned_models_own_warn_about_untrained_ones(merged_dir, tmp_path,
+                                                                            capsys):
+    subset = tmp_path / "subset.json"
+    subset.write_text(json.dumps(TINY_LABELS[:2]))  # choosing among trained labels: silent
+    assert Predictor.from_path(str(merged_dir), labels=str(subset)).labels == TINY_LABELS[:2]
+    assert "warning" not in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([TINY_LABELS[0], "Pizza"]))
+    assert Predictor.from_path(str(merged_dir), labels=str(other)).labels == [TINY_LABELS[0], "Pizza"]
+    err = capsys.readouterr().err
+    assert f"1 of its 2 labels were never trained (the model knows {len(TINY_LABELS)})" in err

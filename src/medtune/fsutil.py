@@ -107,7 +107,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file's value; a file that is not JSON (or not UTF-8) is one error line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MedtuneError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise MedtuneError(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False,

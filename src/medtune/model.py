@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,15 +229,31 @@ def load_labels(path: str | Path) -> list[str]:
     if not p.is_file():
         raise MedtuneError(f"{p}: labels file not found")
     data = read_json(p)
-    labels = data["labels"] if isinstance(data, dict) else data
-    if not labels or not all(isinstance(x, str) and x for x in labels):
-        raise MedtuneError(f"{p}: 'labels' must be a non-empty list of strings")
+    labels = data.get("labels") if isinstance(data, dict) else data
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise MedtuneError(f'{p}: expected a non-empty JSON list of label strings, or '
+                           f'{{"labels": [...]}}')
     seen: set[str] = set()
     for i, label in enumerate(labels):
         if label in seen:  # two entries would split one label's probability between them
             raise MedtuneError(f"{p}: label {i + 1} '{label[:60]}' is listed twice")
         seen.add(label)
     return list(labels)
+
+
+def _trained_labels(path: Path, labels: str | Path | None) -> list[str]:
+    """A fine-tuned model's labels; ``labels`` replaces them (e.g. a subset to choose from),
+    with a warning when it names labels the model was never trained on."""
+    trained = load_labels(path)
+    if labels is None:
+        return trained
+    given = load_labels(labels)
+    new = [lab for lab in given if lab not in set(trained)]
+    if new:
+        print(f"warning: {labels}: {len(new)} of its {len(given)} labels were never trained "
+              f"(the model knows {len(trained)}); a fine-tuned model rarely chooses them",
+              file=sys.stderr)
+    return given
 
 
 def as_trained(meta: dict[str, Any], cfg: ModelConfig | None = None) -> ModelConfig:
@@ -274,12 +291,12 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
         base = load_base_model(meta["base"], run_cfg, tokenizer)
         model = PeftModel.from_pretrained(base, str(path / "adapter"))
         template = Template.load(path)
-        label_list = load_labels(labels or path)
+        label_list = _trained_labels(path, labels)
     elif kind == "merged":
         tokenizer = load_tokenizer(path)
         model = load_base_model(str(path), cfg, tokenizer, quantization=quantization or "none")
         template = Template.load(path)
-        label_list = load_labels(labels or path)
+        label_list = _trained_labels(path, labels)
     else:
         if not (path / "config.json").is_file():
             raise MedtuneError(f"{path}: not a model directory (expected a medtune run, a merged "
