@@ -206,3 +206,12 @@ def test_error_lines_never_fail_on_the_message_they_describe(exc, line, describe
     from medtune.errors import describe, first_line
 
     assert first_line(exc) == line and describe(exc) == described
+
+
+@pytest.mark.parametrize("verb", [["train"], ["evaluate"], ["predict"], ["ablate"],
+                                  ["data", "split"], ["data", "inspect"]])
+def test_verbs_reading_labelled_files_take_the_options_their_column_errors_name(verb):
+    # data.py's "no label column ...; set --label-column" must be actionable on every verb
+    out = medtune(*verb, "--help")
+    assert out.returncode == 0
+    assert "--text-column" in out.stdout and "--label-column" in out.stdout

@@ -160,6 +160,15 @@ def test_all_labels_filtered_by_min_count(tmp_path):
     assert not out.exists()  # a failing split leaves nothing behind
 
 
+def test_min_count_that_keeps_one_label_is_refused(tmp_path):
+    df = pd.concat([notes_frame(per_label=12, labels=BODY_PARTS[:1]),
+                    notes_frame(per_label=4, labels=BODY_PARTS[1:])])
+    out = tmp_path / "splits"
+    msg = error_of(split_data, notes_csv(tmp_path, df), out, cfg(min_count=10))
+    assert f"min_count=10 keeps 1 of {len(BODY_PARTS)} labels" in msg
+    assert "second largest has 4 rows" in msg and not out.exists()
+
+
 def test_unseen_labels_warn_with_a_case_hint_and_all_unseen_is_an_error(capsys):
     unseen = check_unseen_labels(["Knee MRI", "Wrist XR"],
                                  ["Knee MRI", "Spine MRI", "Hip CT", "knee mri"], "test.csv")

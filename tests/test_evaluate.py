@@ -220,3 +220,20 @@ def test_model_card_finds_the_data_card_from_another_directory(tmp_path, monkeyp
                       {"quantization": "none", "params": 10, "bits_per_param": 32.0})
     assert card["leakage"] == "0 normalized texts shared between splits (data card)"
     assert card["training_data"] == "data/train.csv (10 rows)"
+
+
+def test_columns_named_by_the_user_are_read_from_the_test_and_training_files(merged_dir, splits,
+                                                                            tmp_path):
+    # a label column medtune does not guess ('dx'): its hint says --label-column, which
+    # evaluate must accept, for the test file and for the TF-IDF baseline's training file
+    for name in ("test", "train"):
+        df = pd.read_csv(splits / f"{name}.csv").rename(columns={"text": "body", "label": "dx"})
+        df.to_csv(tmp_path / f"{name}.csv", index=False)
+    with pytest.raises(MedtuneError, match="set --text-column"):
+        evaluate(str(merged_dir), str(tmp_path / "test.csv"), str(tmp_path / "r0"),
+                 isolate=False, similarity=False)
+    m = evaluate(str(merged_dir), str(tmp_path / "test.csv"), str(tmp_path / "r"), isolate=False,
+                 similarity=False, baseline=["tfidf"], train_data=str(tmp_path / "train.csv"),
+                 text_column="body", label_column="dx")
+    assert m["n"] == len(pd.read_csv(splits / "test.csv"))
+    assert [r["model"] for r in m["comparison"]][-1].startswith("TF-IDF")

@@ -91,7 +91,8 @@ def _resolve_base(cfg: Config, data: str, labels: list[str], progress: bool) -> 
     from medtune.base import build_base
     from medtune.data import load_labeled
 
-    texts = list(load_labeled(data, task=cfg.data.task, drop_empty=True)["text"])
+    texts = list(load_labeled(data, task=cfg.data.task, drop_empty=True,
+                              text_column=cfg.data.text_column)["text"])
     return str(build_base(texts, extra_vocab_texts=labels, progress=progress))
 
 
@@ -165,9 +166,10 @@ def ablate(data: str, output: str, *, val: str | None = None, test: str | None =
     _check_grid(quantizations, adaptations, steps)
     test_path = _test_file(data, test)
     task = cfg.data.task
-    test_df = load_labeled(test_path, task=task)
+    columns = {"text_column": cfg.data.text_column, "label_column": cfg.data.label_column}
+    test_df = load_labeled(test_path, task=task, **columns)
     texts, gold = list(test_df["text"]), list(test_df["label"])
-    train_labels = sorted(set(load_labeled(data, task=task, drop_empty=True)["label"]))
+    train_labels = sorted(set(load_labeled(data, task=task, drop_empty=True, **columns)["label"]))
     labels = ["A", "B", "C", "D"] if task == "mcqa" else train_labels
     check_output_dir(output, overwrite, inputs=[data, val, test_path, cfg.model.base])  # before training
     device = resolve_device(cfg.model.device)

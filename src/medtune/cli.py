@@ -86,6 +86,15 @@ def base_build(
     print(path)
 
 
+def _set_columns(cfg, text_column: str | None, label_column: str | None) -> None:
+    """--text-column / --label-column onto data.text_column / data.label_column."""
+    from medtune.config import set_key
+
+    for key, value in (("text_column", text_column), ("label_column", label_column)):
+        if value is not None:
+            set_key(cfg, f"data.{key}", value, "--" + key.replace("_", "-"))
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path, typer.Option(help="Training file (CSV/JSONL/Parquet).")],
@@ -96,6 +105,8 @@ def train_cmd(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
     track: Annotated[bool, typer.Option("--track", help="Log to MLflow.")] = False,
+    text_column: TextCol = None,
+    label_column: LabelCol = None,
     overwrite: Overwrite = False,
 ) -> None:
     """QLoRA (or LoRA / full) fine-tuning with answer-only loss, checkpoints and resume."""
@@ -107,6 +118,7 @@ def train_cmd(
     cfg = load_config(config, overrides)
     if base:
         cfg.model.base = base
+    _set_columns(cfg, text_column, label_column)
     callbacks = []
     rank = int(os.environ.get("RANK", 0))
     if track and rank == 0:  # one MLflow run per job: only rank 0 logs (and ends it)
@@ -227,6 +239,8 @@ def evaluate_cmd(
     labels: Annotated[Path | None, typer.Option(help="labels.json (plain base models).")] = None,
     task: Annotated[str | None, typer.Option(
         help="protocol or mcqa (default: the model's task; a plain base: protocol).")] = None,
+    text_column: TextCol = None,
+    label_column: LabelCol = None,
     mode: Annotated[str, typer.Option(help="constrained or generate.")] = "constrained",
     min_confidence: Annotated[float, typer.Option(help="Abstention threshold.")] = 0.0,
     merge: Annotated[str, typer.Option(
@@ -255,6 +269,8 @@ def evaluate_cmd(
                           merge_dtype=merge_dtype),
         overwrite=overwrite,
         similarity=not no_similarity,
+        text_column=text_column,
+        label_column=label_column,
     )
     keys = ["accuracy", "macro_f1", "weighted_f1", "ece", "semantic_similarity", "outside_label_set"]
     keys += ["abstained"] * (min_confidence > 0)  # rows below the threshold (still scored)
@@ -286,16 +302,19 @@ def ablate_cmd(
     steps: Annotated[int, typer.Option(help="Training steps per cell (same budget for every cell).")] = 100,
     quantizations: Annotated[str, typer.Option(help="Comma list of none, 8bit, nf4.")] = "none,8bit,nf4",
     adaptations: Annotated[str, typer.Option(help="Comma list of zero-shot, lora, full.")] = "zero-shot,lora,full",
+    text_column: TextCol = None, label_column: LabelCol = None,
     config: ConfigOpt = None, overrides: Overrides = None, overwrite: Overwrite = False,
 ) -> None:
     """Quantization x adaptation grid with one budget: accuracy, F1, size, memory, latency, train time."""
     from medtune.ablate import ablate
     from medtune.config import load_config
 
+    cfg = load_config(config, overrides)
+    _set_columns(cfg, text_column, label_column)
     rows = ablate(str(data), str(output), val=str(val) if val else None, test=str(test) if test else None,
                   base=base, steps=steps, quantizations=[q for q in quantizations.split(",") if q],
                   adaptations=[a for a in adaptations.split(",") if a], overwrite=overwrite,
-                  cfg=load_config(config, overrides))
+                  cfg=cfg)
     print_json([{k: r.get(k) for k in ("quantization", "adaptation", "status", "accuracy")} for r in rows])
 
 

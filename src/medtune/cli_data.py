@@ -79,6 +79,10 @@ def data_split(
     card = split_data(file, output, cfg.data, overwrite=overwrite, cop_base=cop_base)
     sizes = card.get("splits", card.get("split_sizes", {}))
     print(f"wrote {output}: {sizes}; labels kept: {len(card.get('labels_kept', card.get('labels', [])))}")
+    if card.get("labels_filtered"):
+        print(f"warning: min_count={card['min_count']} dropped {len(card['labels_filtered'])} rare "
+              f"labels ({card['rows_filtered']} rows); listed in {output / 'data_card.md'}",
+              file=sys.stderr)
 
 
 @data_app.command("synth")

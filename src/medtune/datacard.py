@@ -239,6 +239,10 @@ def _build(path: Path, cfg: DataConfig, cop_base: int
         if len(filtered) == len(counts):
             raise DataError(f"{path}: all labels filtered out by min_count={cfg.min_count} "
                             f"(largest label has {int(counts.max())} rows)")
+        if filtered and len(counts) - len(filtered) < 2:  # a one-label "classifier" is none
+            raise DataError(f"{path}: min_count={cfg.min_count} keeps 1 of {len(counts)} labels; "
+                            f"a classifier needs 2 or more (the second largest has "
+                            f"{int(counts.iloc[1])} rows): lower min_count")
         df = df[~df["label"].isin(filtered)].reset_index(drop=True)
     n_val, n_test = _split_sizes(len(df), cfg, path)
     frames, per_label = _stratified(df, n_val, n_test, cfg.seed)

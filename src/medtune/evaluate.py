@@ -249,13 +249,14 @@ def _option_texts(df, letters: list[str]) -> list[str]:
             zip(letters, df.iterrows(), strict=True)]
 
 
-def _leakage(train_path: str | None, texts: list[str], task: str) -> dict[str, Any] | None:
+def _leakage(train_path: str | None, texts: list[str], task: str,
+             columns: dict[str, str | None]) -> dict[str, Any] | None:
     """How many test texts also occur (normalized) in the training file."""
     if not train_path or not Path(train_path).is_file():
         return None
     from medtune.data import load_labeled, normalize_text
 
-    train_df = load_labeled(train_path, task=task)
+    train_df = load_labeled(train_path, task=task, **columns)
     train = {normalize_text(t) for t in train_df["text"]}
     shared = sum(normalize_text(t) in train for t in texts)
     return {"train_file": str(train_path), "train_rows": len(train_df),
@@ -276,13 +277,15 @@ def _check_baselines(baseline: list[str], train_path: str | None, task: str) -> 
 def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None = None,
              train_data: str | None = None, task: str | None = None, labels: str | None = None,
              cfg: PredictConfig | None = None, overwrite: bool = False,
-             similarity: bool = True, isolate: bool = True) -> dict[str, Any]:
+             similarity: bool = True, isolate: bool = True, text_column: str | None = None,
+             label_column: str | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on labelled ``data`` into the directory ``output`` (metrics.json,
     comparison.json, report.md, report.html, plots), written atomically.
 
     ``baseline`` entries: model directories (scored zero-shot with the fine-tuned model's
     labels) and/or "tfidf" (needs ``train_data`` or a train.csv next to ``data``).
-    ``isolate``: measure each model in its own process (its own peak memory)."""
+    ``isolate``: measure each model in its own process (its own peak memory).
+    ``text_column`` / ``label_column``: of ``data`` and the training file (default: detected)."""
     from medtune.data import check_unseen_labels, load_labeled
     from medtune.metrics import classification_metrics, difficulty_terciles, mcqa_metrics
     from medtune.model import load_labels
@@ -293,7 +296,8 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     baseline = list(baseline or [])
     train_path = train_data or _sibling_train(data)
     _check_baselines(baseline, train_path, task)
-    df = load_labeled(data, task=task)
+    columns = {"text_column": text_column, "label_column": label_column}
+    df = load_labeled(data, task=task, **columns)
     texts, gold = list(df["text"]), list(df["label"])
     known = Path(labels or Path(model) / "labels.json")
     if task == "protocol" and known.exists():  # gold the model cannot predict: warn, or refuse
@@ -320,7 +324,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
                 notes.append("TF-IDF baseline skipped: it does not apply to multiple choice "
                              "(the answer letter's position is random).")
                 continue
-            row, tf_preds = _tfidf_row(train_path, texts, gold, main["labels"], task)
+            row, tf_preds = _tfidf_row(train_path, texts, gold, main["labels"], task, columns)
             comparison.append(row)
             predictions.append(tf_preds)
             continue
@@ -356,7 +360,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
             if row is comparison[0]:
                 metrics["semantic_similarity"] = sim["mean"]
                 metrics["semantic_similarity_model"] = sim["model"]
-    leak = _leakage(train_path, texts, task)
+    leak = _leakage(train_path, texts, task, columns)
     if leak is not None:
         metrics["leakage"] = leak
         if leak["test_rows_also_in_train"]:
@@ -383,14 +387,14 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     return metrics
 
 
-def _tfidf_row(train_path: str | None, texts, gold, labels,
-               task: str) -> tuple[dict[str, Any], list[str]]:
+def _tfidf_row(train_path: str | None, texts, gold, labels, task: str,
+               columns: dict[str, str | None]) -> tuple[dict[str, Any], list[str]]:
     from medtune.baseline import tfidf_baseline
     from medtune.data import load_labeled
     from medtune.metrics import classification_metrics, latency_stats
 
     assert train_path is not None  # _check_baselines
-    tr = load_labeled(train_path, task=task)
+    tr = load_labeled(train_path, task=task, **columns)
     res = tfidf_baseline(list(tr["text"]), list(tr["label"]), texts, latency_sample=LATENCY_SAMPLE)
     m = classification_metrics(gold, list(res.predictions), None, labels)
     lat = latency_stats(res.latency_s)  # one note at a time, as the models' rows
