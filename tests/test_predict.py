@@ -376,3 +376,26 @@ def test_labels_replacing_a_fine_tuned_models_own_warn_about_untrained_ones(merg
     assert Predictor.from_path(str(merged_dir), labels=str(other)).labels == [TINY_LABELS[0], "Pizza"]
     err = capsys.readouterr().err
     assert f"1 of its 2 labels were never trained (the model knows {len(TINY_LABELS)})" in err
+
+
+def test_a_note_that_is_not_utf8_is_named_by_row_and_column_when_streaming(tmp_path):
+    from medtune.predict_io import iter_records
+
+    path = tmp_path / "latin1.csv"
+    rows = "".join(f"{i},plain note {i}\n" for i in range(1, 400))  # past the decoder's 8 KB
+    path.write_bytes(("id,text\n" + rows).encode() + "400,caf\u00e9 note\n".encode("latin-1"))
+    chunks, total = iter_records(path, chunk_rows=100)
+    assert total == 400
+    with pytest.raises(MedtuneError, match=r"latin1.csv: data row 400, column 'text': not valid UTF-8"):
+        list(chunks)
+
+
+def test_an_unclosed_quote_is_reported_where_the_row_starts(tmp_path):
+    from medtune.tables import read_table
+
+    path = tmp_path / "quote.csv"
+    path.write_text('id,text,label\n1,fine,CT Head\n2,"open quote,CT Head\n3,next,"L-Spine\n')
+    with pytest.raises(MedtuneError, match=r"data row 2 \(line 3\): expected 3 fields, got 2 "
+                                           r"\(a quoted field runs from line 3 to 4: is a quote "
+                                           r"left open\?\)"):
+        read_table(path)

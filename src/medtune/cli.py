@@ -235,7 +235,9 @@ def evaluate_cmd(
     baseline: Annotated[
         list[str] | None, typer.Option(help="Base model dir (zero-shot) and/or 'tfidf'; repeatable.")
     ] = None,
-    train_data: Annotated[Path | None, typer.Option(help="Training file for --baseline tfidf.")] = None,
+    train_data: Annotated[Path | None, typer.Option(
+        help="Training file for --baseline tfidf and the leakage check (default: train.csv "
+             "next to --data, as `data split` writes it).")] = None,
     labels: Annotated[Path | None, typer.Option(help="labels.json (plain base models).")] = None,
     task: Annotated[str | None, typer.Option(
         help="protocol or mcqa (default: the model's task; a plain base: protocol).")] = None,

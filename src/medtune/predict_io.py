@@ -102,31 +102,36 @@ def _count_delimited(path: Path, sep: str) -> int | None:
     from medtune.tables import delimited_rows
 
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             return max(0, sum(1 for _ in delimited_rows(path, fh, sep)) - 1)
-    except (MedtuneError, UnicodeDecodeError):
+    except MedtuneError:
         return None
 
 
 def _delimited(path: Path, sep: str, rows: int) -> Iterator[pd.DataFrame]:
     """A delimited file in DataFrames of ``rows`` rows, by training's rules
     (``medtune.tables.delimited_rows``), read a line at a time: memory stays bounded."""
-    from medtune.tables import delimited_rows
+    from medtune.tables import _BAD_UTF8, delimited_rows, shown
 
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            records = delimited_rows(path, fh, sep)
-            header = next(records)
-            batch: list[list[str]] = []
-            for record in records:
-                batch.append(record)
-                if len(batch) == rows:
-                    yield pd.DataFrame(batch, columns=header, dtype=str)
-                    batch = []
-            if batch:
+    # undecodable bytes pass as surrogates and are caught in their record: the error names the
+    # row and column (a strict decoder fails a block ahead, somewhere in the next 8 KB)
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        records = delimited_rows(path, fh, sep)
+        header = next(records)
+        if any(_BAD_UTF8.search(name) for name in header):
+            raise DataError(f"{path}: header: not valid UTF-8; re-save the file as UTF-8")
+        batch: list[list[str]] = []
+        for number, record in enumerate(records, 1):
+            for value, column in zip(record, header, strict=False):
+                if _BAD_UTF8.search(value):
+                    raise DataError(f"{path}: data row {number}, column '{shown(column)}': not "
+                                    "valid UTF-8; re-save the file as UTF-8")
+            batch.append(record)
+            if len(batch) == rows:
                 yield pd.DataFrame(batch, columns=header, dtype=str)
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8") from None
+                batch = []
+        if batch:
+            yield pd.DataFrame(batch, columns=header, dtype=str)
 
 
 def _json_lines(path: Path, rows: int) -> Iterator[pd.DataFrame]:

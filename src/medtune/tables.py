@@ -100,9 +100,10 @@ def delimited_rows(path: Path, lines: Iterable[str], delimiter: str) -> Iterator
     csv.field_size_limit(2**31 - 1)  # sizes are checked in bytes (training) or not at all
     reader = csv.reader(lines, delimiter=delimiter)
     header: list[str] | None = None
-    n = 0
+    n, end = 0, 0  # data rows so far; the line the previous record ended on
     try:
         for record in reader:
+            start, end = end + 1, reader.line_num
             if not record or (len(record) == 1 and not record[0].strip()):
                 continue  # blank line
             if header is None:
@@ -111,8 +112,10 @@ def delimited_rows(path: Path, lines: Iterable[str], delimiter: str) -> Iterator
                 continue
             n += 1
             if len(record) != len(header):
-                raise DataError(f"{path}: data row {n} (line {reader.line_num}): expected "
-                                f"{len(header)} fields, got {len(record)}")
+                spans = "" if start == end else \
+                    f" (a quoted field runs from line {start} to {end}: is a quote left open?)"
+                raise DataError(f"{path}: data row {n} (line {start}): expected {len(header)} "
+                                f"fields, got {len(record)}{spans}")
             yield record
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
