@@ -417,6 +417,17 @@ def test_serve_refuses_a_missing_model_directory_before_starting(tmp_path, monke
     assert started == [] and not (tmp_path / "mlruns.db").exists()  # and no empty registry made
 
 
+def test_serve_bounds_the_connections_it_buffers_bodies_for(merged_dir, monkeypatch):
+    import uvicorn
+
+    from medtune.serve import serve
+
+    ran: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    serve(str(merged_dir), port=0, max_concurrency=2)
+    assert ran["limit_concurrency"] == 4 * 2 + 16 and ran["access_log"] is False
+
+
 def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, monkeypatch):
     import socket
 

@@ -347,7 +347,8 @@ def serve_cmd(
     max_note_chars: Annotated[int, typer.Option(help="Longest note; longer: 422.", min=1)] = 20_000,
     max_batch: Annotated[int, typer.Option(help="Most notes in one request; more: 422.", min=1)] = 64,
     max_concurrency: Annotated[int, typer.Option(
-        help="Requests in flight at once; more get 429 with Retry-After.", min=1)] = 8,
+        help="Requests in flight at once; more get 429 with Retry-After (open connections "
+             "beyond 4x this + 16 get 503 before their body is read).", min=1)] = 8,
     min_confidence: Annotated[float | None, typer.Option(
         help="Abstain (flag for human review) below this probability unless a request sends "
              "its own min_confidence; unset: only blank notes abstain.", min=0, max=1)] = None,

@@ -294,8 +294,11 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
 
         model_dir(model)
     app = create_app(model, api_key=api_key, **limits)
+    # connections beyond this get uvicorn's 503 before any body is read: the guard buffers up
+    # to max_body_bytes per request before the app's own 429, so their number must be bounded
+    connections = 4 * int(limits.get("max_concurrency", 8)) + 16  # + probes and page loads
     uvicorn.run(app, host=host, port=port, access_log=False, server_header=False,
-                log_level="info")
+                log_level="info", limit_concurrency=connections)
 
 
 @contextlib.contextmanager
