@@ -285,7 +285,7 @@ def test_weights_are_safetensors_only(run, merged):
 
 def test_nothing_is_unpickled_from_disk():
     """Every torch.load passes weights_only=True; no pickle/joblib loading of artifacts. (The one
-    pickle is evaluate.py's hand-off to its own measuring child process through a private
+    pickle is measure.py's hand-off to its own measuring child process through a private
     temporary directory, never a user's file.)"""
     loads = []
     for path in SRC.rglob("*.py"):
@@ -298,7 +298,7 @@ def test_nothing_is_unpickled_from_disk():
             call = text[m.start():i]
             loads.append(path.name)
             assert "weights_only=True" in call, f"{path.name}: {call}"
-        if path.name != "evaluate.py":
+        if path.name != "measure.py":
             assert not re.search(r"\b(?:pickle|joblib|dill)\.loads?\(", text), path.name
         assert "trust_remote_code=True" not in text, path.name
     assert "checkpoint.py" in loads  # the scan sees the one load there is

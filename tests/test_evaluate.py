@@ -13,7 +13,8 @@ import pytest
 from conftest import TINY_LABELS, TINY_NOTES
 from medtune.config import PredictConfig
 from medtune.errors import MedtuneError
-from medtune.evaluate import evaluate, measure, measure_isolated, weight_stats
+from medtune.evaluate import evaluate
+from medtune.measure import measure, measure_isolated, weight_stats
 from medtune.tasks import default_template
 from medtune.tasks.mcqa import LETTERS
 
@@ -31,7 +32,7 @@ def splits(tmp_path_factory):
 
 
 def test_report_with_zero_shot_and_tfidf_baselines(merged_dir, tiny_base, splits, tmp_path):
-    from medtune.evaluate import _rss_mb
+    from medtune.measure import _rss_mb
 
     out = tmp_path / "report"
     # ballast: a child process must not inherit this process's high-water mark (ru_maxrss does)
@@ -223,7 +224,7 @@ def test_model_card_finds_the_data_card_from_another_directory(tmp_path, monkeyp
 
 
 def test_columns_named_by_the_user_are_read_from_the_test_and_training_files(merged_dir, splits,
-                                                                            tmp_path):
+                                                                            tmp_path, capsys):
     # a label column medtune does not guess ('dx'): its hint says --label-column, which
     # evaluate must accept, for the test file and for the TF-IDF baseline's training file
     for name in ("test", "train"):
@@ -235,5 +236,14 @@ def test_columns_named_by_the_user_are_read_from_the_test_and_training_files(mer
     m = evaluate(str(merged_dir), str(tmp_path / "test.csv"), str(tmp_path / "r"), isolate=False,
                  similarity=False, baseline=["tfidf"], train_data=str(tmp_path / "train.csv"),
                  text_column="body", label_column="dx")
-    assert m["n"] == len(pd.read_csv(splits / "test.csv"))
+    n = len(pd.read_csv(splits / "test.csv"))
+    assert m["n"] == n
     assert [r["model"] for r in m["comparison"]][-1].startswith("TF-IDF")
+    # a line per stage (names and counts, never a note), none with progress=False
+    err = capsys.readouterr().err
+    assert f"evaluate [1] fine-tuned model {merged_dir.name} on {n} notes" in err
+    assert f"evaluate [2] TF-IDF + logistic regression baseline on {n} notes" in err
+    assert not any(note in err for note in pd.read_csv(splits / "test.csv")["text"])
+    evaluate(str(merged_dir), str(tmp_path / "test.csv"), str(tmp_path / "r2"), isolate=False,
+             similarity=False, text_column="body", label_column="dx", progress=False)
+    assert "evaluate [" not in capsys.readouterr().err

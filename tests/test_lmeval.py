@@ -18,7 +18,7 @@ import pytest
 from conftest import _save_tiny
 from medtune.config import PredictConfig
 from medtune.data import load_labeled
-from medtune.evaluate import measure
+from medtune.measure import measure
 from medtune.model import load_tokenizer
 from medtune.scoring import score_naive
 from medtune.synth import synth_mcqa

@@ -379,7 +379,7 @@ def test_gradient_checkpointing_is_on_in_every_decoder_layer(lora, tiny_base, tw
 def test_qlora_keeps_frozen_weights_in_the_compute_dtype(tiny_base, two_label_data, tmp_path):
     """bf16 compute (a GPU's; forced here on CPU): embeddings, norms and head stay bf16 instead of
     peft's float32 upcast, the LoRA weights are float32, and the steps still train them."""
-    from medtune.evaluate import weight_stats
+    from medtune.measure import weight_stats
     from medtune.model import attach_lora
 
     cfg = tiny_cfg(tiny_base, "model.quantization=nf4", "model.compute_dtype=bfloat16",

@@ -110,7 +110,7 @@ def _cell_config(cfg: Config, base: str, quantization: str, adaptation: str, ste
 
 
 def _measured_row(m: dict[str, Any], gold: list[str], train_seconds: float) -> dict[str, Any]:
-    from medtune.evaluate import summary_row
+    from medtune.measure import summary_row
     from medtune.metrics import classification_metrics
 
     preds = [r["prediction"] for r in m["rows"]]
@@ -125,7 +125,7 @@ def _measured_row(m: dict[str, Any], gold: list[str], train_seconds: float) -> d
 def _run_cell(cfg: Config, data: str, val: str | None, cell_dir: Path, base: str,
               labels_file: Path, texts: list[str], gold: list[str], quantization: str,
               adaptation: str, progress: bool) -> dict[str, Any]:
-    from medtune.evaluate import measure_isolated
+    from medtune.measure import measure_isolated
     from medtune.train import train
 
     task = cfg.data.task

@@ -90,7 +90,7 @@ def footprint(model) -> dict[str, Any]:
     """The memory floor of a LoRA training step on ``model``: its weights as stored (4-bit
     layers at their packed size + quantization constants) plus, per trainable parameter, its
     gradient and AdamW's two moments (each the parameter's dtype). Activations not included."""
-    from medtune.evaluate import weight_stats
+    from medtune.measure import weight_stats
 
     w = weight_stats(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
