@@ -57,6 +57,19 @@ IDENTIFIERS = [
     ("fell at 4 Elm Ave., Apt 2, North Andover 01845.", "Andover", "[ADDRESS]"),
     ("mailing address PO Box 1234", "Box 1234", "[ADDRESS]"),
     ("zip 60611-1234", "60611", "[ZIP]"),
+    ("Mrs. LaToya Jenkins called.", "Toya", "[NAME]"),  # inner capitals: the whole name
+    ("Seen by Dr. DeLuca.", "Luca", "[NAME]"),
+    ("Patient: DeShawn Williams", "DeShawn", "[NAME]"),
+    ("Dr. O\u2019Brien reviewed.", "Brien", "[NAME]"),  # a curly apostrophe
+    ("Wren Lindqvist, M.D. reviewed.", "Lindqvist", "[NAME]"),
+    ("Okafor, Thaddeus MD", "Okafor", "[NAME]"),
+    ("Dr. ALLEN signed.", "ALLEN", "[NAME]"),
+    ("Dr.Smith called.", "Smith", "[NAME]"),
+    ("DOB 14MAR2020.", "14MAR2020", "[DATE]"),
+    ("Seen on Mar-14-2020.", "Mar-14-2020", "[DATE]"),
+    ("Symptoms since 2020-03.", "2020-03", "[DATE]"),
+    ("A 120 yo woman.", "120", "[AGE]"),
+    ("92yF with a fall.", "92", "[AGE]"),
 ]
 
 CLINICAL = [
@@ -70,6 +83,10 @@ CLINICAL = [
     "Hodgkin lymphoma, Crohn disease.", "Glucose 126 mg/dL.", "CA 19-9 elevated, NIHSS 14.",
     "Apgar 8/9.", "EF 55-60%.", "ICD-10 M54.5.", "Spoke with the patient at bedside.",
     "per Interventional Radiology", "Afib, MS, DM", "Blood cultures 2/2 sets positive.",
+    "seen by Physical Therapy", "Per Nephrology Recs.", "Austin Flint murmur.",
+    "Charles Bonnet syndrome.", "Per ID: 1250 mg vancomycin.", "viral load 1200000 copies/mL",
+    "temperature of 101 F", "4/6 holosystolic murmur", "5/5 throughout.", "Apgars 8/9.",
+    "hx of MS. Lesions stable.", "severe MR. Echo shows LVH.",
 ]
 
 
@@ -78,6 +95,18 @@ def test_each_identifier_type_is_scrubbed(text, secret, placeholder):
     out = scrub_text(text)
     assert secret not in out
     assert placeholder in out
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Dr. Smith and Dr. Jones", "Dr. [NAME] and Dr. [NAME]"),  # the second one was kept
+    ("Mrs. Okafor called. Mrs. Okafor again.", "Mrs. [NAME] called. Mrs. [NAME] again."),
+    ("Jones, MD and Brown, MD", "[NAME], MD and [NAME], MD"),
+    # a name ends at its line: the next line's capitalised words and the line breaks stay
+    ("Referred by Dr. Okafor\nDiagnosis Pneumonia", "Referred by Dr. [NAME]\nDiagnosis Pneumonia"),
+    ("Dr. Okafor\n\nDr. Varga", "Dr. [NAME]\n\nDr. [NAME]"),
+])
+def test_every_name_in_a_note_is_scrubbed_and_lines_are_kept(text, expected):
+    assert scrub_text(text) == expected
 
 
 def test_every_placeholder_type_is_exercised():

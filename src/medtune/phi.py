@@ -9,7 +9,9 @@ a partly recognised identifier is never left half in the text.
 Known limits (measured by medtune.phi_synth.evaluate_scrubber): a name with no title, cue word
 ("seen by", "wife", "name:") or known first name is not found, nor a single first name after a
 cue ("wife Maria"); a city only counts as part of "City, ST 12345" or a street address; a bare
-month/day ("3/4") right after a clinical word ("strength 3/4", "x 3/4") is kept as a value.
+month/day ("3/4") right after a clinical word ("strength 3/4", "x 3/4") is kept as a value;
+an all-caps title ("DR. SMITH") is not read as one (DR, MR and MS are clinical abbreviations
+too), nor is a title's name split over two lines.
 Accented and other cased letters, full-width digits and Unicode dashes are read as their ASCII
 shapes (``fold``); names in scripts without letter case (Chinese, Japanese, Arabic, ...) are
 not found.
@@ -87,12 +89,21 @@ Monday Tuesday Wednesday Thursday Friday Saturday Sunday Today Yesterday Tomorro
 Road Exam Impression Findings Indication Reason Plan Assessment Note Report Order Dose Daily
 Mother Father Wife Husband Son Daughter Sister Brother Spouse Contrast Protocol Positive Negative
 Normal Abnormal Study Follow Up Please Thanks Thank Name Date Age Phone Fax Email Address
+Physical Occupational Speech Respiratory Therapy Therapist Nephrology Pulmonology Pulmonary
+Gastroenterology Hematology Endocrinology Rheumatology Dermatology Psychiatry Psychology
+Pediatrics Obstetrics Gynecology Orthopedics Ortho Infectious Diseases Palliative Care Social
+Work Worker Hospice Nursing Pharmacy Anesthesia Renal Gi Icu Micu Sicu Ed Er Consult Consults
+Recs Recommendations Interventional Vascular Neurosurgery Ent Ob Gyn
 """) | {m for m in _MONTHS}
 
-_NAME_TOKEN = (r"(?:(?:Mc|Mac|O'|D')?[A-Z][a-z]+(?:['-][A-Z]?[a-z]+)*|(?:[A-Z]\.){1,3}|"
-               r"[A-Z](?=\s+[A-Z][a-z]))")
-_TITLE = r"\b(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor)\s?\.?\s+"
-_NAME_SEQ = rf"{_NAME_TOKEN}(?:\s+{_NAME_TOKEN}){{0,2}}"
+_NAME_TOKEN = (r"(?:(?:Mc|Mac|O'|D')?[A-Z][a-z]+(?:[A-Z][a-z]+)?(?:['-][A-Z]?[a-z]+)*(?![A-Za-z])|"
+               r"(?:[A-Z]\.){1,3}|[A-Z](?=[ \t]+[A-Z][a-z]))")
+# a title, then the name on the same line ("Dr. Smith", "Dr.Smith"); after a title an all-caps
+# surname counts too ("Dr. ALLEN"); "DR", "MR", "MS" alone stay clinical (retinopathy,
+# mitral regurgitation, multiple sclerosis)
+_TITLE = r"\b(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor)(?:[ \t]?\.[ \t]*|[ \t]+)"
+_NAME_SEQ = rf"{_NAME_TOKEN}(?:[ \t]+{_NAME_TOKEN}){{0,2}}"
+_TITLED_NAME = rf"(?:{_NAME_TOKEN}|[A-Z][A-Z'-]+(?![A-Za-z]))(?:[ \t]+{_NAME_TOKEN}){{0,2}}"
 _UPPER_NAME = r"[A-Z][A-Z'-]+,\s*[A-Z][A-Za-z'-]+"  # "SMITH, JOHN" / "Smith, John"
 
 _CUE_FOR_NAME = (r"(?i:patient|pt|patient name|pt name|name|seen by|referred by|referring|"
@@ -119,10 +130,11 @@ _UNITS = (r"mg|mcg|g|kg|ml|l|units?|iu|meq|mmol|mmhg|cm|mm|%|tabs?|tablets?|caps
           r"sets|bottles|cultures|views|samples|specimens|nodes|vessels|beats|ns")
 _NOT_A_DATE_AFTER = re.compile(
     r"\s*(?:(?:" + _UNITS + r"|pain|strength|murmur|vision|score|scale|reflex(?:es)?|power|of|"
-    r"in|x|[lr]?[lu]e|bilat\w*|ext\w*|flex\w*|grip|esm|sem|hsm|systolic|diastolic)\b|%)", re.I)
+    r"in|x|[lr]?[lu]e|bilat\w*|ext\w*|flex\w*|grip|esm|sem|hsm|systolic|diastolic|holo\w*|"
+    r"pan\w*|early|late|mid|throughout|globally|symmetric\w*)\b|%)", re.I)
 # a number pair right after one of these is a clinical value ("pain 5/10", "Gr. 4/6", "BP 90/60")
 _VALUE_BEFORE = re.compile(
-    r"\b(?:pain|score|scale|strength|motor|power|murmur|grade|gr|apgar|gcs|bp|sbp|dbp|ratio|"
+    r"\b(?:pain|score|scale|strength|motor|power|murmur|grade|gr|apgars?|gcs|bp|sbp|dbp|ratio|asa|"
     r"reflex\w*|dtrs?|hiv|ef|vision|acuity|va|rom|mmt|x)\b[^a-z]*$", re.I)
 _DATE_CUES = (r"(?i:on|since|from|dated?|dos|dob|admitted|adm|discharged|d/c|until|thru|through|"
               r"as of|last|seen|visit|performed|done|obtained|scheduled|sched|f/u|returned|"
@@ -157,9 +169,29 @@ def _month_day(m: re.Match[str]) -> bool:
 
 
 def _not_temperature(m: re.Match[str]) -> bool:
-    """'97F' is an age, 'Temp 97 F' / 'T: 95F' is not."""
-    before = m.string[max(0, m.start() - 16):m.start()]
-    return not re.search(r"\b(?:t|temp\w*|tmax|tc|fever|febrile|afebrile)\W*$", before, re.I)
+    """'97F' is an age, 'Temp 97 F' / 'T: 95F' / 'temperature of 101 F' is not."""
+    before = m.string[max(0, m.start() - 24):m.start()]
+    return not re.search(r"\b(?:t|temp\w*|tmax|tc|fever|febrile|afebrile)"
+                         r"(?:\W+(?:of|was|is|at|to|up to|reached))?\W*$", before, re.I)
+
+
+# what follows a number that is a quantity, not an identifier ("ID: 1250 mg", "1200000 copies")
+_QUANTITY_AFTER = re.compile(r"\s*(?:(?:" + _UNITS + r"|copies|cells|iu/ml|/ml|/ul|/mm3|/hpf)"
+                             r"(?![a-z])|/(?:ml|ul|mm3|hpf)\b)", re.I)
+
+
+def _not_quantity(m: re.Match[str]) -> bool:
+    return not _QUANTITY_AFTER.match(m.string, m.end())
+
+
+_EPONYM_NOUN = re.compile(r"[ \t]+(?:syndrome|disease|murmur|sign|palsy|reflex|test|maneuver|"
+                          r"manoeuvre|fracture|procedure|phenomenon|lesion|node|classification|"
+                          r"score|criteria|triad|law|equation|operation)\b", re.I)
+
+
+def _not_eponym(m: re.Match[str]) -> bool:
+    """'Austin Flint murmur', 'Charles Bonnet syndrome': a first name in a medical eponym."""
+    return not _EPONYM_NOUN.match(m.string, m.end(1))
 
 
 def _enough_digits(m: re.Match[str]) -> bool:
@@ -201,16 +233,20 @@ PATTERNS: list[Pattern] = [
        r"call back|fax|facsimile)|Ph|PH|ph)\b" + _SEP + r"(\+?\(?\d[\d\s().-]{5,}\d)", "PHONE", 1,
        check=_enough_digits),
     _p(r"\b(?:" + _MRN_CUES + ")" + _SEP + "(" + _ID_VALUE + ")", "MRN", 1),
-    _p(r"\b(?:" + _ID_CUES + ")" + _SEP + "(" + _ID_VALUE + ")", "ID", 1),
+    _p(r"\b(?:" + _ID_CUES + ")" + _SEP + "(" + _ID_VALUE + ")", "ID", 1, check=_not_quantity),
     _p(r"(?<![\w.-])\d{10}(?![\w-])", "PHONE", check=_phone_context),
     _p(r"(?<![\w-])#\s?\d{5,}\b", "ID"),
-    _p(r"(?<![\w.-])\d{7,}(?![\w-])", "ID"),
+    _p(r"(?<![\w.-])\d{7,}(?![\w-])", "ID", check=_not_quantity),
     _p(r"\b[A-Z]{1,3}\d{6,}\b", "ID"),
     # dates: month names, numeric d/m/y and y-m-d, month/year, cued month/day
     _p(rf"\b{MONTH}\s+{DAY}(?:,?\s+{YEAR})?\b", "DATE"),
     _p(rf"\b{DAY}\s+(?:of\s+)?{MONTH}(?:,?\s+{YEAR})?\b", "DATE"),
     _p(rf"\b{MONTH},?\s+(?:of\s+)?{YEAR}\b", "DATE"),
     _p(rf"(?<![\w-])(?:0?[1-9]|[12]\d|3[01])[-/ ]{MONTH}[-/ ](?:{YEAR}|\d\d)\b", "DATE"),
+    _p(r"(?<![\w-])(?:0?[1-9]|[12]\d|3[01])(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)"
+       rf"(?:{YEAR}|\d\d)\b", "DATE"),
+    _p(rf"\b{MONTH}[-/](?:0?[1-9]|[12]\d|3[01])[-/](?:{YEAR}|\d\d)\b", "DATE"),
+    _p(r"(?<![\w/.-])(?:1[89]|20)\d{2}[-/](?:0[1-9]|1[0-2])(?![\w/-]|[-/.]\d)", "DATE"),
     _p(r"(?<![\w/.-])(\d{1,2})([/.-])(\d{1,2})\2(\d{4}|\d{2})(?![\w/-]|\.\d)", "DATE",
        check=_numeric_date),
     _p(r"(?<![\w/.-])(?:1[89]|20)\d{2}([-/.])(?:0?[1-9]|1[0-2])\1(?:0?[1-9]|[12]\d|3[01])"
@@ -219,10 +255,10 @@ PATTERNS: list[Pattern] = [
     _p(r"(?<![\w/.])((?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01]))(?![\w/]|\.\d)", "DATE", 1,
        check=_month_day),
     # ages over 89
-    _p(r"\b(9\d|1[01]\d)(?=\s*-?\s*(?:yoM|yoF|yo\b|y/o|y\.o\.?|yrs?\b|years?\b|year-old))",
-       "AGE", 1, _I),
-    _p(r"\b(?:age|aged|age:)\s*:?\s*(9\d|1[01]\d)\b", "AGE", 1, _I),
-    _p(r"(?<![\d.])(9\d|1[01]\d)(?=\s?[MF]\b)", "AGE", 1, check=_not_temperature),
+    _p(r"\b(9\d|1[0-2]\d)(?=\s*-?\s*(?:yoM|yoF|yo\b|y/o|y\.o\.?|yrs?\b|years?\b|year-old|"
+       r"y[MF]\b))", "AGE", 1, _I),
+    _p(r"\b(?:age|aged|age:)\s*:?\s*(9\d|1[0-2]\d)\b", "AGE", 1, _I),
+    _p(r"(?<![\d.])(9\d|1[0-2]\d)(?=\s?[MF]\b)", "AGE", 1, check=_not_temperature),
     _p(r"\b(?:ninety|one hundred)(?:[- ](?:one|two|three|four|five|six|seven|eight|nine))?"
        r"(?=[- ](?:year|yr))", "AGE", 0, _I),
     # geography: ZIP after a state or cue, ZIP+4, street address, PO box, "City, ST"
@@ -238,16 +274,16 @@ PATTERNS: list[Pattern] = [
     _p(r"\b([A-Z][a-z]+(?:\s[A-Z][a-z]+){0,2}),\s+" + STATE_RE + r"\b(?=,?\s+\d{5}\b)",
        "ADDRESS", 1),
     # names: after a title, after a cue word, "Last, First", with a credential, known first names
-    _p(_TITLE + "(" + _NAME_SEQ + ")", "NAME1", 1),
+    _p(_TITLE + "(" + _TITLED_NAME + ")", "NAME1", 1),
     _p(r"\b" + _CUE_FOR_NAME + r"\s*:?\s+(" + _UPPER_NAME + r"(?:\s+[A-Z]\.?)?)", "NAME", 1),
     _p(r"\b" + _CUE_FOR_NAME + r"\s*:\s*(" + _NAME_TOKEN + r",\s*" + _NAME_TOKEN +
        r"(?:\s+[A-Z]\.)?)", "NAME", 1),
     _p(r"\b" + _CUE_FOR_NAME + r"\s*:?\s+(" + _NAME_TOKEN + r"(?:\s+" + _NAME_TOKEN + "){1,2})",
        "NAME", 1),
-    _p(r"\b(" + _NAME_SEQ + r"),?\s+(?:MD|M\.D\.|DO|RN|NP|PA-C|PhD|DPM|DDS|CRNA|APRN|FNP)\b",
-       "NAME1", 1),
-    _p(r"\b((?:" + "|".join(sorted(FIRST_NAMES)) + r")(?:\s+[A-Z]\.)?\s+" + _NAME_TOKEN + r")\b",
-       "NAME", 1),
+    _p(r"\b((?:" + _NAME_TOKEN + r",[ \t]*)?" + _NAME_SEQ +
+       r"),?[ \t]+(?:MD|M\.D\.|DO|RN|NP|PA-C|PhD|DPM|DDS|CRNA|APRN|FNP)(?![A-Za-z])", "NAME1", 1),
+    _p(r"\b((?:" + "|".join(sorted(FIRST_NAMES)) + r")(?:[ \t]+[A-Z]\.)?[ \t]+" + _NAME_TOKEN + r")\b",
+       "NAME", 1, check=_not_eponym),
 ]
 
 
@@ -287,10 +323,9 @@ def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
                 continue
             if kind in ("NAME", "NAME1"):  # NAME1: one word is enough ("Dr. Smith")
                 trimmed = _trim_name(text, start, end, 1 if kind == "NAME1" else 2)
-                if trimmed is None:
-                    continue
-                (start, end), kind = trimmed, "NAME"
-            if kind == "PHONE" and "fax" in text[max(0, start - 20):start].lower():
+                if trimmed is not None:
+                    yield *trimmed, "NAME"
+            elif kind == "PHONE" and "fax" in text[max(0, start - 20):start].lower():
                 yield start, end, "FAX"
             else:
                 yield start, end, kind
@@ -304,6 +339,8 @@ def _fold_char(ch: str) -> str:
     kind = unicodedata.category(ch)
     if kind == "Pd" or ch == "\u2212":  # any dash punctuation, and the minus sign
         return "-"
+    if ch in "\u2018\u2019\u02bc":  # curly and modifier apostrophes: O’Brien
+        return "'"
     parts = unicodedata.normalize("NFKD", ch)
     if parts[0].isascii() and parts[0].isprintable() and all(map(unicodedata.combining, parts[1:])):
         return parts[0]
