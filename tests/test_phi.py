@@ -332,3 +332,28 @@ def test_long_adversarial_fields_stay_linear(unit):
     t0 = time.perf_counter()
     find_phi(text)
     assert time.perf_counter() - t0 < 10
+
+
+def test_parquet_binary_and_list_columns_are_scrubbed_too(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pq.write_table(pa.table({
+        "text": pa.array([b"Seen by Dr. Alice Wong.", b"CT head."], type=pa.binary()),
+        "label": ["CT Head", "CT Head"],
+        "notes": pa.array([["call 555-234-5678", "ok"], []], type=pa.list_(pa.string()))}), src)
+    counts = scrub_file(src, out, also=["notes"])
+    assert counts["rows_changed"] == 1 and counts["spans"] == {"NAME": 1, "PHONE": 1}
+    back = pq.read_table(out)
+    assert back.column("text").to_pylist() == [b"Seen by Dr. [NAME].", b"CT head."]
+    assert back.column("notes").to_pylist() == [["call [PHONE]", "ok"], []]
+
+
+def test_json_rows_mixing_types_in_a_field_cannot_go_to_parquet_one_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "CT head", "label": "CT Head", "extra": "a"}\n'
+                   '{"text": "CT head too", "label": "CT Head", "extra": 7}\n')
+    with pytest.raises(MedtuneError, match=r"out.parquet: column 'extra' mixes int, str values"):
+        scrub_file(src, tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists() and list(tmp_path.iterdir()) == [src]

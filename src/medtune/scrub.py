@@ -42,9 +42,27 @@ def _scrub_value(value: Any, counts: Counter[str]) -> Any:
         return replace_spans(value, spans)
     if isinstance(value, dict):
         return {key: _scrub_value(item, counts) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple) or type(value).__name__ == "ndarray":  # Parquet lists
         return [_scrub_value(item, counts) for item in value]
+    if isinstance(value, bytes):  # a Parquet binary column of text, stored back as bytes
+        try:
+            return _scrub_value(value.decode("utf-8"), counts).encode("utf-8")
+        except UnicodeDecodeError:
+            return value  # not text
     return value
+
+
+def _check_parquet_columns(frame: Any, output: Path) -> None:
+    """One error line for a column Parquet cannot store (JSON rows mixing text and numbers in
+    one field), before anything is written; never the values themselves."""
+    from medtune.tables import shown
+
+    for column in frame.columns:
+        kinds = {type(v).__name__ for v in frame[column]
+                 if v is not None and not (isinstance(v, float) and v != v)}
+        if len(kinds) > 1:
+            raise DataError(f"{output}: column '{shown(str(column))}' mixes {', '.join(sorted(kinds))} "
+                            "values, which one Parquet column cannot hold; write .jsonl or .csv")
 
 
 def _typed_input(path: Path, strings: Any) -> Any:
@@ -132,6 +150,8 @@ def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None 
             frame = pd.DataFrame(rows) if isinstance(typed, list) else typed
             for c in columns:
                 frame[c] = [new.get(c) for new in scrubbed]
+            if suffix in (".parquet", ".pq") and isinstance(typed, list):
+                _check_parquet_columns(frame, output)
             write_table_by_extension(frame, tmp, suffix)
     out = {"input": str(path), "output": str(output), "column": columns[0],
            "rows": len(df), "rows_changed": changed,
