@@ -228,6 +228,9 @@ def test_mcqa_load(tmp_path):
 
 def test_normalize_text():
     assert normalize_text("  Pain\tin\n the KNEE ") == "pain in the knee"
+    # one text however its characters are encoded: it must not land in train and in test
+    assert normalize_text("caf\u00e9 pain") == normalize_text("cafe\u0301 pain")
+    assert normalize_text("L\uff14 disc") == normalize_text("L4 disc")
 
 
 # ------------------------------------------------------------------------------------ inspect
@@ -527,3 +530,13 @@ def test_split_refuses_an_output_holding_its_input_even_with_overwrite(tmp_path)
     with pytest.raises(MedtuneError, match="is or contains the input"):
         split_data(path, tmp_path, cfg(), overwrite=True)
     assert Path(path).read_bytes() == before and not (tmp_path / "train.csv").exists()
+
+
+def test_json_lines_errors_name_the_line_as_the_reader_does(tmp_path):
+    path = tmp_path / "gaps.jsonl"  # blank lines: record 2 sits on line 4
+    path.write_text('{"id": "a", "text": "CT head", "label": "CT Head"}\n\n\n'
+                    '{"id": "b", "text": "", "label": "CT Head"}\n')
+    assert error_of(load_labeled, path).startswith(f"{path}: line 4, column 'text': empty text")
+    path.write_text('{"id": "a", "text": "CT head", "label": "CT Head"}\n\n'
+                    '{"id": "a", "text": "MR knee", "label": "CT Head"}\n')
+    assert error_of(load_labeled, path) == f"{path}: line 3, column 'id': duplicate id"

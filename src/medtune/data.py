@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,10 @@ def detect_columns(df: pd.DataFrame, path: str | Path, text_column: str | None =
 
 
 def normalize_text(text: str) -> str:
-    """Key for duplicate and leakage checks: whitespace runs collapsed, case folded."""
-    return " ".join(text.split()).casefold()
+    """Key for duplicate and leakage checks: Unicode compatibility-normalized (a precomposed
+    "é" and "e" + combining accent, full-width and ASCII digits are one text), whitespace runs
+    collapsed, case folded."""
+    return " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
 
 
 def check_unseen_labels(known: Iterable[str], gold: Iterable[str], path: str | Path,
@@ -116,17 +119,26 @@ def check_unseen_labels(known: Iterable[str], gold: Iterable[str], path: str | P
 # -------------------------------------------------------------------------------------- loading
 
 
+def _places(df: pd.DataFrame) -> list[str]:
+    """Where each row of ``df`` is in its file, as the reader named it ("data row 3" in a CSV,
+    "line 7" in JSON lines, "row 3" in Parquet)."""
+    places = df.attrs.get("places")
+    return list(places) if places is not None and len(places) == len(df) else \
+        [f"row {i}" for i in range(1, len(df) + 1)]
+
+
 def _ids(df: pd.DataFrame, path: str | Path, exclude: set[str]) -> list[str]:
     column = _find_column(df, path, "id", None, ["id"], False)
     if column is None or column in exclude:
         return [str(i) for i in range(len(df))]
     ids = df[column].str.strip()
+    places = _places(df)
     empty = (ids == "").to_numpy().nonzero()[0]
     if len(empty):
-        raise DataError(f"{path}: row {empty[0] + 1}, column '{column}': empty id")
+        raise DataError(f"{path}: {places[empty[0]]}, column '{column}': empty id")
     dup = ids.duplicated().to_numpy().nonzero()[0]
     if len(dup):
-        raise DataError(f"{path}: row {dup[0] + 1}, column '{column}': duplicate id")
+        raise DataError(f"{path}: {places[dup[0]]}, column '{column}': duplicate id")
     return ids.tolist()
 
 
@@ -138,18 +150,20 @@ def _handle_empty(out: pd.DataFrame, path: str | Path, checks: dict[str, str],
     for column, source in checks.items():
         empty = (out[column].astype(str).str.strip() == "").to_numpy()
         if empty.any() and not drop_empty:
-            raise DataError(f"{path}: row {empty.nonzero()[0][0] + 1}, column '{source}': empty "
+            raise DataError(f"{path}: {out['_place'].iat[empty.nonzero()[0][0]]}, column "
+                            f"'{source}': empty "
                             f"{'text' if column in ('text', 'question') else column} "
                             "(fill or remove such rows; `medtune data split` drops them)")
         by_column[source] = int((empty & keep.to_numpy()).sum())
         keep &= ~empty
     result = out[keep.to_numpy()].reset_index(drop=True)
+    result.attrs["places"] = list(result.pop("_place"))
     result.attrs.update(dropped_empty=int((~keep).sum()), dropped_empty_by_column=by_column,
                         rows_read=len(out), source=str(path))
     return result
 
 
-def _parse_cop(value: str, row: int, path: str | Path, column: str, cop_base: int) -> int:
+def _parse_cop(value: str, row: str, path: str | Path, column: str, cop_base: int) -> int:
     raw = value.strip()
     if raw.upper() in LETTERS:
         return LETTERS.index(raw.upper())
@@ -159,12 +173,12 @@ def _parse_cop(value: str, row: int, path: str | Path, column: str, cop_base: in
         if not math.isfinite(number) or number != int(number):
             raise ValueError
     except ValueError:
-        raise DataError(f"{path}: row {row}, column '{column}': answer '{value}' is not an "
+        raise DataError(f"{path}: {row}, column '{column}': answer '{value}' is not an "
                         f"option index ({cop_base}-{cop_base + 3}) or letter A-D") from None
     index = int(number) - cop_base
     if not 0 <= index <= 3:
         hint = " (1-based answers? pass cop_base=1)" if cop_base == 0 and number == 4 else ""
-        raise DataError(f"{path}: row {row}, column '{column}': answer {value} out of "
+        raise DataError(f"{path}: {row}, column '{column}': answer {value} out of "
                         f"range {cop_base}-{cop_base + 3}{hint}")
     return index
 
@@ -184,7 +198,7 @@ def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
     out = pd.DataFrame({"id": _ids(df, path, {c for c in source.values() if c})})
     for name, column in source.items():
         out[name] = df[column].to_numpy() if column else ""
-    out["_row"] = range(1, len(out) + 1)  # file row numbers survive dropped empty rows
+    out["_place"] = _places(df)  # where each row is in the file, kept past dropped rows
     checks = {"question": source["question"]}
     if source["cop"] and require_labels:
         checks["cop"] = source["cop"]
@@ -192,7 +206,7 @@ def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
     attrs = out.attrs
     cop_col = source["cop"] or "cop"
     out["cop"] = [_parse_cop(v, row, path, cop_col, cop_base) if v.strip() else -1
-                  for row, v in zip(out["_row"], out["cop"], strict=True)]
+                  for row, v in zip(attrs["places"], out["cop"], strict=True)]
     out["label"] = [LETTERS[c] if c >= 0 else "" for c in out["cop"]]
     records = out[["question", *OPTION_COLUMNS]].to_dict("records")
     out["text"] = [format_question(r) for r in records]
@@ -222,7 +236,8 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
     refuse_nested(df, path, (text, label))
     out = pd.DataFrame({"id": _ids(df, path, {text, label or ""}),
                         "text": df[text].to_numpy(),
-                        "label": df[label].str.strip().to_numpy() if label else ""}, dtype=str)
+                        "label": df[label].str.strip().to_numpy() if label else "",
+                        "_place": _places(df)}, dtype=str)
     checks = {"text": text, "label": label} if label and require_labels else {"text": text}
     out = _handle_empty(out, path, checks, drop_empty)
     if label and not label_column:  # a column picked by its name: swapped columns leak notes
