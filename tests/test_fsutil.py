@@ -122,3 +122,9 @@ def test_output_under_a_file_is_refused_before_any_work(tmp_path):
     # an output file too ('predict -o notes.csv/x.csv' said "notes.csv: File exists")
     with pytest.raises(MedtuneError, match=r"x.csv: cannot be created, .*notes.csv is not a dir"):
         check_output_file(tmp_path / "notes.csv" / "x.csv", overwrite=True)
+
+
+def test_an_output_file_name_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    (tmp_path / "out.csv").mkdir()  # predicted every row, then failed at the final rename
+    with pytest.raises(MedtuneError, match=r"out.csv: is a directory; give a file name"):
+        check_output_file(tmp_path / "out.csv", overwrite=True)

@@ -399,3 +399,25 @@ def test_an_unclosed_quote_is_reported_where_the_row_starts(tmp_path):
                                            r"\(a quoted field runs from line 3 to 4: is a quote "
                                            r"left open\?\)"):
         read_table(path)
+
+
+def test_mcqa_generation_continues_the_context_training_put_before_the_letter(tmp_path):
+    # in a tokenizer where " A" is one token (GPT-2, Llama, Qwen), the prompt must end at
+    # "Answer:", as training and scoring encode it, not with a lone space token
+    from conftest import _save_tiny
+    from medtune.base import train_tokenizer
+    from medtune.tasks.mcqa import LETTERS, choice_ids, format_question
+
+    tok = train_tokenizer(TINY_NOTES + TINY_LABELS + [f"Answer: {x}" for x in "ABCD"] * 50,
+                          vocab_size=384)
+    base = _save_tiny(tmp_path / "base", tok)
+    (tmp_path / "letters.json").write_text(json.dumps(LETTERS))
+    mcqa = Predictor.from_path(str(base), labels=str(tmp_path / "letters.json"), task="mcqa",
+                               cfg=PredictConfig(mode="generate", max_new_tokens=2))
+    q = format_question({"question": "Which scan?", "opa": "CT", "opb": "MR", "opc": "US",
+                         "opd": "XR"})
+    ctx, conts = choice_ids(mcqa.tokenizer, mcqa.template, q, LETTERS)
+    assert all(len(c) == 1 for c in conts)  # " A" ... " D": one token each
+    assert mcqa.prompts([q], 2) == [ctx]
+    assert mcqa.tokenizer.decode(ctx[-1:]).endswith(":")
+    assert len(mcqa.predict_texts([q])) == 1

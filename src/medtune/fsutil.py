@@ -153,10 +153,12 @@ def _check_parents(path: Path) -> None:
 
 
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse to replace an existing output file unless ``overwrite``, and one that cannot be
-    created because a file stands where a folder above it should be."""
+    """Refuse to replace an existing output file unless ``overwrite``, a directory in its place,
+    and one that cannot be created because a file stands where a folder above it should be."""
     path = Path(path)
     _check_parents(path)
+    if path.is_dir():  # refused now, not after the work when the rename fails
+        raise MedtuneError(f"{path}: is a directory; give a file name for the output")
     if path.exists() and not overwrite:
         raise MedtuneError(f"{path}: output file exists (pass --overwrite to replace it)")
     return path

@@ -116,10 +116,17 @@ class Predictor:
 
     # ------------------------------------------------------------------------------ internals
     def prompts(self, texts: Sequence[str], reserve: int) -> list[list[int]]:
-        """Prompt token ids, the middle of over-long notes cut so ``reserve`` tokens still fit."""
+        """Prompt token ids, the middle of over-long notes cut so ``reserve`` tokens still fit.
+        MCQA: the context training and scoring put before the letter (``choice_ids``: the answer
+        cue's trailing space goes with the letter, " A" being one token in most tokenizers)."""
         limit = None if self.context_limit is None else max(8, self.context_limit - reserve)
-        return [truncate_prompt(ids, limit)
-                for ids in self.template.prompts_ids(self.tokenizer, list(texts))]
+        if self.task == "mcqa":
+            from medtune.tasks.mcqa import choice_ids
+
+            ids = [choice_ids(self.tokenizer, self.template, t, self.labels)[0] for t in texts]
+        else:
+            ids = self.template.prompts_ids(self.tokenizer, list(texts))
+        return [truncate_prompt(x, limit) for x in ids]
 
     def batched(self, fn: Callable[[list[list[int]]], list[Any]],
                  prompts: list[list[int]]) -> list[Any]:
