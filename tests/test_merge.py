@@ -104,6 +104,17 @@ def test_default_merge_uses_the_dequantized_weights_the_adapter_was_trained_on(q
     assert deq["max_abs_logit_diff_vs_adapter"] < deq["tolerance"]
     assert (deq["max_abs_logit_diff_vs_quantized_training_model"]
             < orig["max_abs_logit_diff_vs_quantized_training_model"])
+    assert deq["layers_dequantized"] > 0 and orig["layers_dequantized"] == 0
+
+
+def test_a_dequantized_merge_that_finds_no_quantized_layer_is_refused(qlora_run, tmp_path,
+                                                                      monkeypatch):
+    import medtune.merge
+
+    monkeypatch.setattr(medtune.merge, "dequantized_weight", lambda module: None)
+    with pytest.raises(MedtuneError, match="has no quantized layer medtune can read back"):
+        merge(qlora_run, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
 
 
 # ----------------------------------------------------------------------------- in memory

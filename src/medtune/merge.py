@@ -118,10 +118,14 @@ def _merge(run_dir: str | Path, output: str | Path, *, dtype: str, overwrite: bo
     base = load_base_model(meta["base"], full_cfg, tokenizer)
     quantized = meta.get("quantization", "none") != "none"
     qcfg = as_trained(meta, ModelConfig(device="cpu"))  # the 4-bit base exactly as trained
+    copied = 0
     if quantized and source == "dequantized":
         qbase = load_base_model(meta["base"], qcfg, tokenizer)
-        dequantize_into(base, qbase)
+        copied = dequantize_into(base, qbase)
         del qbase
+        if not copied:  # the merge would silently use the original weights
+            raise MedtuneError(f"{run_dir}: its {meta['quantization']} base has no quantized layer "
+                               "medtune can read back; merge with --source original")
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     ref = _logits(peft_model, batch)
     merged = peft_model.merge_and_unload().eval()
@@ -138,7 +142,8 @@ def _merge(run_dir: str | Path, output: str | Path, *, dtype: str, overwrite: bo
         del qmodel, qbase
     report = {"max_abs_logit_diff_vs_adapter": diff, "tolerance": tol,
               "max_abs_logit_diff_vs_quantized_training_model": diff_4bit,
-              "source": source if quantized else "original", "dtype": dtype,
+              "source": source if quantized else "original", "layers_dequantized": copied,
+              "dtype": dtype,
               "probe_texts": len(texts), "seconds": round(time.time() - t0, 2)}
     with atomic_dir(output) as tmp:
         merged.to(torch_dtype).save_pretrained(tmp, safe_serialization=True)
