@@ -157,7 +157,8 @@ def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n", "-3"], "error: --n: must be >= 0, got -3"),
+    (["--n", "-3"], "error: --n: must be >= 1, got -3"),
+    (["--n", "0"], "error: --n: must be >= 1, got 0"),  # a header-only file every step refuses
     (["--imbalance", "-1"], "error: --imbalance: must be >= 0, got -1.0"),
     (["--label-noise", "2"], "error: --label-noise: must be in [0, 1], got 2.0"),
 ])

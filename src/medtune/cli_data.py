@@ -98,7 +98,7 @@ def data_synth(
     """Generate synthetic protocol notes or MedMCQA-style questions (deterministic per seed)."""
     from medtune.synth import write_synth
 
-    for flag, value, ok, rule in (("--n", n, n >= 0, ">= 0"), ("--imbalance", imbalance, imbalance >= 0, ">= 0"),
+    for flag, value, ok, rule in (("--n", n, n >= 1, ">= 1"), ("--imbalance", imbalance, imbalance >= 0, ">= 0"),
                                   ("--label-noise", label_noise, 0 <= label_noise <= 1, "in [0, 1]")):
         if not ok:  # named as typed (the library's own checks name its arguments)
             raise ConfigError(f"{flag}: must be {rule}, got {value}")
