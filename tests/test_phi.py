@@ -357,3 +357,13 @@ def test_json_rows_mixing_types_in_a_field_cannot_go_to_parquet_one_line(tmp_pat
     with pytest.raises(MedtuneError, match=r"out.parquet: column 'extra' mixes int, str values"):
         scrub_file(src, tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_nested_json_fields_are_written_to_csv_as_json(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "Seen by Dr. Alice Wong.", "label": "CT Head", '
+                   '"meta": {"site": "north", "codes": [1, 2]}}\n')
+    scrub_file(src, tmp_path / "out.csv")
+    back = pd.read_csv(tmp_path / "out.csv")
+    assert json.loads(back["meta"][0]) == {"site": "north", "codes": [1, 2]}  # was a Python repr
+    assert back["text"][0] == "Seen by Dr. [NAME]."

@@ -152,6 +152,10 @@ def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None 
                 frame[c] = [new.get(c) for new in scrubbed]
             if suffix in (".parquet", ".pq") and isinstance(typed, list):
                 _check_parquet_columns(frame, output)
+            if suffix == ".csv" and isinstance(typed, list):  # nested JSON as JSON, not repr
+                for c in frame.columns:
+                    frame[c] = [json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list)
+                                else v for v in frame[c]]
             write_table_by_extension(frame, tmp, suffix)
     out = {"input": str(path), "output": str(output), "column": columns[0],
            "rows": len(df), "rows_changed": changed,
