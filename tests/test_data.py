@@ -540,3 +540,14 @@ def test_json_lines_errors_name_the_line_as_the_reader_does(tmp_path):
     path.write_text('{"id": "a", "text": "CT head", "label": "CT Head"}\n\n'
                     '{"id": "a", "text": "MR knee", "label": "CT Head"}\n')
     assert error_of(load_labeled, path) == f"{path}: line 3, column 'id': duplicate id"
+
+
+def test_an_unlabelled_copy_in_the_other_file_is_not_a_label_conflict(tmp_path):
+    from medtune.data import inspect_data
+
+    here = notes_csv(tmp_path, notes_frame(per_label=2))
+    there = notes_frame(per_label=2).assign(label="")  # the same notes, unlabelled
+    there.loc[0, "label"] = "Wrist XR"  # one labelled differently: the only conflict
+    summary = inspect_data(here, against=notes_csv(tmp_path, there, "other.csv"))
+    assert summary["leakage"]["shared_texts"] == 6
+    assert summary["leakage"]["shared_with_different_labels"] == 1

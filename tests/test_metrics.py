@@ -162,3 +162,9 @@ def test_missing_labels_of_every_kind_become_empty_strings():
     gold = pd.Series(["A", "B", None, "A"], dtype="string")
     m = classification_metrics(list(gold), ["A", "B", "A", "A"], None, ["A", "B"])
     assert "<NA>" not in m["per_class"]
+
+
+def test_missing_gold_or_prediction_is_never_correct_nor_a_class():
+    m = classification_metrics(["A", None, "B"], ["A", float("nan"), "A"], None, ["A", "B"])
+    assert m["accuracy"] == pytest.approx(1 / 3)  # the missing pair was counted as right
+    assert m["labels"] == ["A", "B"] and "" not in m["per_class"]

@@ -128,3 +128,51 @@ def test_plot_input_errors():
         report.confusion_png([[1, 0], [0, 1]], ["a", "b", "c"])
     with pytest.raises(MedtuneError, match="no row has a numeric 'throughput'"):
         report.comparison_png(COMPARISON, "throughput")
+
+
+def test_dollar_signs_in_labels_and_model_names_are_plain_text():
+    # matplotlib reads "$...$" as a formula: "CT $x^$ head" raised and failed the whole report
+    labels = ["CT $x^$ head", "Cost $5 or $10"]
+    assert report.confusion_png([[1, 0], [0, 1]], labels).startswith(PNG)
+    assert report.comparison_png([{"model": "base: dir_$a^$", "accuracy": 0.5}],
+                                 "accuracy").startswith(PNG)
+    assert report._short("Cost $5 or $10") == r"Cost \$5 or \$10"
+
+
+def test_reliability_legend_names_the_accuracy_bars_when_the_first_bin_is_empty(monkeypatch):
+    import matplotlib.figure
+
+    seen: list[list[str]] = []
+    original = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        seen.append([t.get_text() for ax in fig.axes if ax.get_legend()
+                     for t in ax.get_legend().get_texts()])
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    m = classification_metrics(["A", "B"], ["A", "A"], [0.9, 0.6], ["A", "B"])
+    report.reliability_png(m["reliability"])
+    assert "accuracy" in seen[0]
+
+
+def test_per_class_of_many_labels_is_one_table_and_keeps_labels_named_like_sections(tmp_path):
+    labels = [f"label {i}" for i in range(61)] + ["confusion"]
+    m = classification_metrics(labels, labels, None, labels)
+    report.write_report(tmp_path, title="t", metrics=m)
+    md = (tmp_path / "report.md").read_text()
+    assert len(re.findall(r"^#+ ", md, re.M)) == 3  # title, Metrics, per_class: no heading per label
+    assert "| confusion | 1 | 1 | 1 | 1 |" in md and "| label 60 |" in md
+
+
+def test_numbers_are_not_rounded_up_to_a_whole_number():
+    assert report._fmt(0.99996) == "0.99996" and report._fmt(0.123456) == "0.1235"
+    assert report._fmt(1.0) == "1" and report._fmt(12345.6) == "12,346"
+
+
+def test_image_names_that_collide_get_distinct_files(tmp_path):
+    png = report.comparison_png(COMPARISON, "accuracy")
+    written = report.write_report(tmp_path, title="t", metrics={"accuracy": 1.0},
+                                  images={"a": png, "a_2": png, "a!": png})
+    names = [p.name for k, p in written.items() if k.endswith(".png")]
+    assert len(names) == len(set(names)) == 3

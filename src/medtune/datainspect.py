@@ -115,7 +115,10 @@ def inspect_data(path: str | Path, *, against: str | Path | None = None, task: s
             "shared_texts": len(shared),
             "rows_here": int(keys.isin(shared).sum()),
             "rows_there": int(other_keys.isin(shared).sum()),
-            "shared_with_different_labels": sum(here[k] != there[k] for k in shared),
+            # both copies labelled, differently (an unlabelled copy is no conflict)
+            "shared_with_different_labels": sum(
+                bool(here[k] - {""}) and bool(there[k] - {""}) and here[k] - {""} != there[k] - {""}
+                for k in shared),
             "labels_only_here": sorted(ours - theirs),
             "labels_only_there": sorted(theirs - ours),
         }

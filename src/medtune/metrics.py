@@ -85,15 +85,16 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str],
 
     n = _check_lengths(gold=gold, pred=pred)
     gold_s, pred_s = as_label_strings(gold), as_label_strings(pred)
-    label_list = list(dict.fromkeys(as_label_strings(labels)))
+    label_list = [lab for lab in dict.fromkeys(as_label_strings(labels)) if lab]
     if not label_list:
         raise DataError("labels: the label set is empty")
     known = set(label_list)
-    extra_gold = sorted({g for g in gold_s if g not in known})
+    extra_gold = sorted({g for g in gold_s if g not in known and g})
     label_list += extra_gold
     known.update(extra_gold)
 
-    correct = np.array([g == p for g, p in zip(gold_s, pred_s, strict=True)])
+    # a missing gold or prediction ("") is never a class and never a correct answer
+    correct = np.array([g == p and g != "" for g, p in zip(gold_s, pred_s, strict=True)])
     precision, recall, f1, support = precision_recall_fscore_support(
         gold_s, pred_s, labels=label_list, zero_division=0)
     pred_counts = {lab: 0 for lab in label_list}
@@ -181,7 +182,7 @@ def mcqa_metrics(gold: Sequence[str], pred: Sequence[str], subjects: Sequence[st
     """Accuracy overall, by subject and (if given) by difficulty (see ``difficulty_terciles``)."""
     n = _check_lengths(gold=gold, pred=pred, subjects=subjects)
     gold_s, pred_s = as_label_strings(gold), as_label_strings(pred)
-    correct = np.array([g == p for g, p in zip(gold_s, pred_s, strict=True)])
+    correct = np.array([g == p and g != "" for g, p in zip(gold_s, pred_s, strict=True)])
     result: dict[str, Any] = {
         "n": n,
         "accuracy": float(correct.mean()),

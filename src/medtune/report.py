@@ -52,7 +52,10 @@ def _png(fig: Any) -> bytes:
 
 
 def _short(text: str, width: int = 28) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """A label or model name for a plot: shortened, and with "$" escaped (matplotlib reads
+    text between two "$" as a formula: "CT $x^$" failed the report, "$5 or $10" was garbled)."""
+    short = text if len(text) <= width else text[: width - 1] + "…"
+    return short.replace("$", r"\$")
 
 
 def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> bytes:
@@ -91,12 +94,14 @@ def reliability_png(reliability: Sequence[dict]) -> bytes:
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     total = sum(int(b.get("count") or 0) for b in reliability) or 1
-    for i, b in enumerate(reliability):
+    legend = "accuracy"  # on the first drawn bar (the lowest bins are mostly empty)
+    for b in reliability:
         lower, upper = float(b["lower"]), float(b["upper"])
         count = int(b.get("count") or 0)
         if count and b.get("accuracy") is not None:
             top.bar(lower, float(b["accuracy"]), width=upper - lower, align="edge",
-                    color="tab:blue", edgecolor="white", label="accuracy" if i == 0 else None)
+                    color="tab:blue", edgecolor="white", label=legend)
+            legend = None
         bottom.bar(lower, count / total, width=upper - lower, align="edge", color="tab:grey")
     xs = [b["mean_confidence"] for b in reliability if b.get("count")]
     ys = [b["accuracy"] for b in reliability if b.get("count")]
@@ -209,7 +214,15 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
-        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+        if abs(value) >= 1e4:
+            return f"{value:,.0f}"
+        # 4 significant digits, more where that would round a fraction to a whole number
+        # (an accuracy of 0.99996 is not "1")
+        for digits in (4, 6, 8):
+            text = f"{value:.{digits}g}"
+            if float(text) % 1 or not value % 1:
+                return text
+        return repr(value)
     return str(value)
 
 
@@ -239,7 +252,7 @@ def _dict_blocks(data: dict, level: int) -> list[tuple]:
             continue
         if key in BULKY_KEYS:
             left_out.append(str(key))
-        elif _table_dict(value) and len(value) <= MAX_TABLE_ROWS:
+        elif _table_dict(value):  # per_class of any size: one row per label, in one table
             cols = _columns(list(value.values()))
             rows = [[str(name), *(_fmt(d.get(c)) for c in cols)] for name, d in value.items()]
             blocks += [("h", level, str(key)), ("table", ["", *cols], rows)]
@@ -418,9 +431,9 @@ def write_report(output_dir: str | Path, *, title: str, metrics: dict,
     for name, data in images.items():
         if not isinstance(data, bytes | bytearray) or not bytes(data).startswith(PNG_SIGNATURE):
             raise MedtuneError(f"report image {name!r}: not PNG bytes")
-        file_name = _image_file(name)
-        if file_name in files.values() or file_name in ("metrics.png", "report.png"):
-            file_name = f"{file_name[:-4]}_{len(files)}.png"
+        file_name, k = _image_file(name), len(files)
+        while file_name in files.values() or file_name in ("metrics.png", "report.png"):
+            file_name, k = f"{_image_file(name)[:-4]}_{k}.png", k + 1  # until it is free
         files[name] = file_name
 
     blocks: list[tuple] = []
