@@ -137,6 +137,29 @@ def test_resume_with_a_changed_config_warns_naming_the_keys(tiny_base, data, tmp
     assert ckpt.config_changes(None, Config().to_dict()) == []  # a checkpoint from before
 
 
+def test_resume_that_cannot_go_on_is_one_error_line_and_other_data_warns(tiny_base, data,
+                                                                        tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run_cfg(tiny_base, "train.max_steps=2", "train.save_every=1"), data, run, val=data,
+          progress=False)
+    # another LoRA rank: the adapter cannot load (was a RuntimeError traceback)
+    with pytest.raises(MedtuneError, match=r"cannot resume with this config \(changed since the "
+                                           r"checkpoint: lora.r, train.max_steps;"):
+        train(run_cfg(tiny_base, "lora.r=8", "train.max_steps=3"), data, run, val=data,
+              progress=False, resume=True)
+    # a config that ends before the checkpoint (was a silent 'success' at step 2 of 1)
+    with pytest.raises(MedtuneError, match=r"checkpoint is at step 2 but this config ends at "
+                                           r"step 1; raise train.max_steps"):
+        train(run_cfg(tiny_base, "train.max_steps=1"), data, run, val=data, progress=False,
+              resume=True)
+    other = tmp_path / "other.csv"  # the same labels, fewer notes
+    pd.read_csv(data).iloc[:12].to_csv(other, index=False)
+    capsys.readouterr()
+    train(run_cfg(tiny_base, "train.max_steps=3"), str(other), run, val=data, progress=False,
+          resume=True)
+    assert "warning: the training examples differ from the checkpoint's" in capsys.readouterr().err
+
+
 def test_resume_without_complete_checkpoint_is_an_error(tiny_base, data, tmp_path):
     run = tmp_path / "run"
     half = run / "checkpoints" / "step-0000002"  # a crash mid-write: no COMPLETE marker

@@ -433,6 +433,32 @@ def test_val_fraction_zero_trains_on_every_row_without_validation(tiny_base, two
     assert "val_accuracy" not in (run / "metrics.jsonl").read_text()
 
 
+def test_a_training_file_too_small_to_leave_training_rows_is_refused_before_writing(
+        tiny_base, tmp_path):
+    one = write_rows(tmp_path / "one.csv", HEAD[:1], ["CT Head"])  # the row goes to validation
+    with pytest.raises(MedtuneError, match=r"one.csv: no training rows left after holding out 1 "
+                                           r"for validation \(data.val_fraction="):
+        train(tiny_cfg(tiny_base), one, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # the same command, corrected, needs no --overwrite
+
+
+def test_metrics_log_the_learning_rate_each_step_used_and_warn_of_endless_warmup(
+        tiny_base, two_label_data, tmp_path, capsys):
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=4", "train.lr=0.01",
+                   "train.warmup_steps=2", "train.scheduler=linear", "train.log_every=1",
+                   "train.eval_every=0", "train.eval_samples=0")
+    run = train(cfg, two_label_data, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # warmup (step+1)/2, then linear decay: the rates steps 1-4 used (the next step's were logged)
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([0.005, 0.01, 0.01, 0.005])
+    assert "warmup_steps" not in capsys.readouterr().err
+    train(tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=2",
+                   "train.warmup_steps=5", "train.eval_samples=0"), two_label_data,
+          tmp_path / "run2", progress=False)
+    assert ("warning: train.warmup_steps=5 >= the run's 2 steps: the learning rate never "
+            "reaches train.lr") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("task", ["protocol", "mcqa"])
 def test_an_over_long_prompt_is_cut_in_training_exactly_as_prediction_cuts_it(fp32_model, task):
     from medtune.scoring import label_rows

@@ -7,7 +7,9 @@ Batches group examples of similar length (less padding) but stay a deterministic
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,3 +82,13 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         mask[i, :n] = 1
         labels[i, e.n_prompt:n] = ids[i, e.n_prompt:n]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """Identity of encoded examples, order included (a checkpoint records it: a resume on other
+    data is told so)."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(len(e.input_ids).to_bytes(4, "little"))
+        digest.update(array("i", e.input_ids).tobytes())
+    return digest.hexdigest()[:16]

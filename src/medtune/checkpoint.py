@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from medtune.errors import MedtuneError, describe
 from medtune.fsdp import full_trainable_state, is_sharded, load_full_states
 from medtune.fsutil import atomic_dir, read_json, write_json
 
@@ -109,6 +111,32 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
         torch.cuda.set_rng_state(own["cuda"])
     py = state.pop("python_random")
     random.setstate((3, tuple(py), None))
+    return state
+
+
+def resume(path: Path, model, optimizer, scheduler, *, rank: int, total: int,
+           config: dict[str, Any], digest: str) -> dict[str, Any]:
+    """Load checkpoint ``path`` to continue a run that ends at step ``total`` with ``config``
+    and training examples of ``digest`` (``batching.examples_digest``). A config the checkpoint
+    cannot be loaded into, or one that ended before it, is one error line naming the changed
+    keys; other changes and other data are warnings (rank 0)."""
+    saved = read_json(path / "trainer_state.json")
+    changed = config_changes(saved.get("config"), config)
+    if saved["step"] > total:
+        raise MedtuneError(f"{path}: the checkpoint is at step {saved['step']} but this config ends "
+                           f"at step {total}; raise train.max_steps (or train.epochs) to go on")
+    try:
+        state = load_checkpoint(path, model, optimizer, scheduler, rank=rank)
+    except (RuntimeError, ValueError, KeyError) as exc:  # LoRA shapes, parameter groups, names
+        raise MedtuneError(f"{path}: cannot resume with this config (changed since the "
+                           f"checkpoint: {', '.join(changed) or 'none'}; {describe(exc, 120)}); "
+                           "resume with the run's config or start a new run") from None
+    if rank == 0 and changed:  # the schedule and optimizer state came from the old config
+        print(f"warning: config changed since the checkpoint: {', '.join(changed)}; the result "
+              "will differ from an uninterrupted run", file=sys.stderr)
+    if rank == 0 and saved.get("data_digest") not in (None, digest):
+        print("warning: the training examples differ from the checkpoint's: the batches and the "
+              "result will differ from an uninterrupted run", file=sys.stderr)
     return state
 
 

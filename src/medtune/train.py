@@ -32,6 +32,7 @@ from medtune.batching import (
     collate,
     encode_examples,
     epoch_batches,
+    examples_digest,
     steps_per_epoch,
 )
 from medtune.config import Config
@@ -142,6 +143,10 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         val_df = _load_split(val, cfg)
     else:
         train_df, val_df = _split_val(train_df, cfg)
+        if train_df.empty:  # before anything is built or written
+            raise MedtuneError(f"{data}: no training rows left after holding out {len(val_df)} for "
+                               f"validation (data.val_fraction={cfg.data.val_fraction}); give more "
+                               "rows, --val FILE, or data.val_fraction=0")
     if cfg.data.scrub_phi:
         from medtune.phi import scrub_text
 
@@ -290,17 +295,19 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     start_step, state, resumed = 0, {}, {}
     if resume:
         last_ckpt = _last_checkpoint(s.run_dir)
-        state = ckpt.load_checkpoint(last_ckpt, s.model, optimizer, scheduler, rank=s.rank)
+        state = ckpt.resume(last_ckpt, s.model, optimizer, scheduler, rank=s.rank, total=total,
+                            config=s.meta["config"], digest=examples_digest(s.train))
         start_step = state["step"]
         if s.rank == 0:
             resumed = drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
             print(f"resuming from {last_ckpt.name} (step {start_step}/{total})", file=sys.stderr)
-            changed = ckpt.config_changes(state.get("config"), s.meta["config"])
-            if changed:  # the schedule and optimizer state came from the old config
-                print(f"warning: config changed since the checkpoint: {', '.join(changed)}; the "
-                      "result will differ from an uninterrupted run", file=sys.stderr)
     lengths = [len(e.input_ids) for e in s.train]
+    # a micro-batch size halved after running out of memory stays halved on resume
     micro = tc.micro_batch_size or tc.batch_size
+    micro = min(micro, state.get("micro_batch_size") or micro)
+    if start_step == 0 and tc.warmup_steps >= total and s.rank == 0:
+        print(f"warning: train.warmup_steps={tc.warmup_steps} >= the run's {total} steps: the "
+              f"learning rate never reaches train.lr", file=sys.stderr)
     s.model.train()
     stop = {"flag": False}
 
@@ -364,13 +371,13 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                             f"gradient norm became {norm} at step {step + 1}: training stopped "
                             "before writing a checkpoint (usual causes: fp16 overflow -> use "
                             "bf16/fp32 compute, or a learning rate too high)")
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 tok_window += int(summed[1].item())
                 elapsed = time.time() - t0  # this process's; tokens/s counts this process's tokens
-                lr = scheduler.get_last_lr()[0]
                 bar.update(task, completed=done, loss=loss, lr=lr, tps=tok_window / max(elapsed, 1e-9))
                 last = {"step": done, "epoch": round(done / spe, 4), "loss": loss, "lr": lr,
                         "tokens_per_s": tok_window / max(elapsed, 1e-9),
@@ -393,6 +400,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                         ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
                                              {"epoch": epoch, "micro_batch_size": micro,
                                               "config": s.meta["config"],
+                                              "data_digest": examples_digest(s.train),
                                               "elapsed_s": before + time.time() - t0},
                                              keep=tc.keep_checkpoints, full=full, rng=rng)
                 if halt:
