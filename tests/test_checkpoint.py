@@ -124,6 +124,23 @@ def test_ctrl_c_checkpoints_then_resume_finishes_the_same_run(run_a, tiny_base, 
     assert "config changed" not in capsys.readouterr().err  # the same config: no warning
 
 
+def test_a_second_ctrl_c_stops_at_once(tiny_base, data, tmp_path):
+    def ctrl_c_twice(row):  # e.g. a step that hangs: the user presses Ctrl-C again
+        if row.get("step") == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    if before in (signal.SIG_IGN, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        before = signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        train(run_cfg(tiny_base), data, tmp_path / "run", val=data, progress=False,
+              callbacks=[ctrl_c_twice])
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
+    assert ckpt.complete_checkpoints(tmp_path / "run") == []  # none was half-written
+
+
 def test_resume_with_a_changed_config_warns_naming_the_keys(tiny_base, data, tmp_path, capsys):
     run = tmp_path / "run"
     train(run_cfg(tiny_base, "train.max_steps=2", "train.save_every=1"), data, run, val=data,

@@ -312,6 +312,8 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     stop = {"flag": False}
 
     def _on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
+        if stop["flag"]:  # asked twice: stop now (the last complete checkpoint stays)
+            raise KeyboardInterrupt
         stop["flag"] = True
 
     # every rank traps the signal (torchrun forwards it to all); the flag is all-reduced below
