@@ -18,6 +18,21 @@ PROTOCOL_INSTRUCTION = "Assign the imaging protocol for this clinical note."
 _NOTE_SLOT = "\u2063medtune-note-slot\u2063"  # stands in for the note while the template renders
 
 
+# chat templates that print "today's" date (Llama 3.x) get this one instead, so a prompt is the
+# same in training, in prediction months later and in a resumed run (it is Llama 3.1's default)
+CHAT_DATE = "26 Jul 2024"
+
+
+def special_strings(tokenizer: Any) -> list[str]:
+    """Every special token's string: the named ones (bos, eos, pad, ...) and the added tokens
+    marked special, such as chat role markers ("<|assistant|>", "<|start_header_id|>") that
+    ``all_special_tokens`` may leave out. A note holding one gets it as plain text."""
+    found = dict.fromkeys(t for t in getattr(tokenizer, "all_special_tokens", []) if t)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found.update(dict.fromkeys(str(t) for t in added.values() if getattr(t, "special", False)))
+    return [t for t in found if t]
+
+
 def _tok(tokenizer: Any, text: str, split: bool = False) -> list[int]:
     """Token ids of ``text``; ``split``: special tokens' strings as plain text."""
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])
@@ -52,6 +67,7 @@ class Template:
                 [{"role": "user", "content": self.user_message(text)}],
                 tokenize=False,
                 add_generation_prompt=True,
+                date_string=CHAT_DATE,  # templates that print today's date: the same every day
             )
             return str(rendered) + self.answer_prefix
         instruction = self.instruction
@@ -74,8 +90,7 @@ class Template:
         """(ids, rest): for a note holding a special token's string, the ids of the template up
         to and including the note (the note as plain text) and the template's text after it;
         for any other note ([], the whole prompt text), to be tokenized as one string."""
-        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-        if any(t in text for t in specials):
+        if any(t in text for t in special_strings(tokenizer)):
             rendered = self.prompt_text(tokenizer, _NOTE_SLOT)
             if rendered.count(_NOTE_SLOT) == 1:
                 before, after = rendered.split(_NOTE_SLOT)
@@ -92,7 +107,7 @@ class Template:
     def prompts_ids(self, tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
         """``prompt_ids`` of many texts, equal to one call per text, with one tokenizer call for
         all the notes that hold no special token's string (the fast tokenizer's batch path)."""
-        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        specials = special_strings(tokenizer)
         out: list[Any] = [self.prompt_ids(tokenizer, t) if any(s in t for s in specials)
                           else None for t in texts]
         plain = [i for i, ids in enumerate(out) if ids is None]
