@@ -116,6 +116,8 @@ def test_every_field_has_help():
     ("train.max_length=8", "train.max_length: must be >= 16, got 8"),
     ("data.seed=-1", "data.seed: must be >= 0 and <= 4294967295, got -1"),
     ("train.seed=-1", "train.seed: must be >= 0 and <= 4294967295, got -1"),
+    ("train.max_steps=inf", "train.max_steps: expected int, got 'inf'"),  # was an OverflowError
+    ("train.warmup_steps=1e400", "train.warmup_steps: expected int, got '1e400'"),
 ])
 def test_out_of_range_values_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as info:
@@ -169,3 +171,23 @@ def test_unknown_device_is_one_line_error():
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(MedtuneError, match=r"model.device: unknown 'gpu' \(auto, cpu, cuda"):
         resolve_device("gpu")
+
+
+def test_an_empty_section_and_a_numeric_boolean_are_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  # max_steps: 3   (every key commented out)\nmodel:\n  device: cpu\n")
+    cfg = load_config(path, ["model.gradient_checkpointing=1"])
+    assert cfg.model.device == "cpu" and cfg.model.gradient_checkpointing is True
+    assert cfg.train.max_steps == load_config().train.max_steps
+
+
+def test_a_chat_template_asked_of_a_tokenizer_without_one_is_a_config_error(tiny_tokenizer):
+    import copy
+
+    from medtune.tasks import default_template
+
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match=r"model\.template=chat: the base's tokenizer has no"):
+        default_template("protocol", plain, ["CT Head"], "chat")
+    assert default_template("protocol", plain, ["CT Head"], "auto").kind == "plain"

@@ -192,6 +192,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # the override "=1" arrives as a number
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
             return True
         if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
@@ -207,7 +209,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     raise ValueError
                 return int(number)
             return number
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: inf or 1e400 for an int
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
     if tp is str:
         if isinstance(value, dict | list):
@@ -254,6 +256,8 @@ def _apply(obj: Any, key: str, value: Any) -> None:
                 raise ConfigError(f"unknown config key '{key}' (did you mean '{leaf_of[key]}'?)")
         raise ConfigError(f"unknown config key '{key}'{_closest(key, valid)}")
     if dataclasses.is_dataclass(getattr(target, leaf)):
+        if value is None:  # a section whose keys are all commented out
+            return
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of settings")
         for sub, sub_value in value.items():

@@ -137,6 +137,9 @@ def default_template(task: str, tokenizer: Any, labels: list[str], kind: str = "
         kind = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if kind not in ("chat", "plain"):
         raise ConfigError(f"model.template: unknown '{kind}' (auto, chat, plain)")
+    if kind == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("model.template=chat: the base's tokenizer has no chat template "
+                          "(use plain, or auto)")
     instruction = MCQA_INSTRUCTION if task == "mcqa" else PROTOCOL_INSTRUCTION
     answer_prefix = "Answer: " if task == "mcqa" else ""
     return Template(task=task, kind=kind, instruction=instruction, answer_prefix=answer_prefix,
