@@ -338,6 +338,20 @@ def test_micro_batches_and_oom_fallback_give_the_same_step(tiny_base, two_label_
     assert any(float(v.abs().max()) > 1e-3 for k, v in whole.items() if "lora_B" in k)
 
 
+def test_a_sharded_step_out_of_memory_stops_naming_the_step_instead_of_retrying(
+        tiny_base, two_label_data, tmp_path, monkeypatch):
+    # under FSDP a retry on one rank would wait forever in the other ranks' collectives
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod, "_step", out_of_memory)
+    monkeypatch.setattr(train_mod.fsdp, "is_sharded", lambda model: True)
+    with pytest.raises(MedtuneError, match=r"out of memory at step 1 with FSDP: set "
+                                           r"train.micro_batch_size below 4"):
+        train(tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=2"),
+              two_label_data, tmp_path / "run", progress=False)
+
+
 @pytest.mark.parametrize("mode", ["nf4", "none"])
 def test_gradient_checkpointing_gives_the_same_step_without_warnings(mode, tiny_base,
                                                                       two_label_data, tmp_path):

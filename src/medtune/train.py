@@ -351,6 +351,11 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                     except RuntimeError as exc:
                         if not _is_oom(exc) or micro == 1:
                             raise
+                        if sharded:  # a retry on this rank alone would hang the others' gathers
+                            raise MedtuneError(
+                                f"out of memory at step {step + 1} with FSDP: set "
+                                f"train.micro_batch_size below {micro} (a sharded step cannot be "
+                                "retried on one rank)") from None
                         optimizer.zero_grad(set_to_none=True)
                         micro = max(1, micro // 2)
                         print(f"out of memory: micro-batch size -> {micro}", file=sys.stderr)
