@@ -195,3 +195,11 @@ def test_write_synth_refuses_overwrite_and_bad_input(tmp_path):
     with pytest.raises(MedtuneError, match="extension"):
         write_synth("protocol", 10, tmp_path / "x.xlsx")
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.xlsx").exists()
+
+
+def test_a_steep_imbalance_still_draws_labels():
+    from medtune.synth import synth_protocol
+
+    df = synth_protocol(200, seed=0, imbalance=800)  # every weight underflowed to 0: ValueError
+    counts = df["label"].value_counts()
+    assert counts.iloc[0] >= 200 - 26 and len(counts) <= 26

@@ -337,7 +337,8 @@ def _class_weights(imbalance: float) -> list[float]:
         raise MedtuneError(f"imbalance: must be >= 0, got {imbalance}")
     # Zipf-Mandelbrot: weight = (rank + 4) ** -imbalance; at 1.0 the most frequent class is
     # (25 + 4) / 4 = 7.25x the rarest of the 26, a mild imbalance; 0 is uniform.
-    return [(rank + 4.0) ** -imbalance for rank in range(len(PROTOCOLS))]
+    # relative to the largest (4 ** -imbalance underflows to 0 for every class past ~500)
+    return [((rank + 4.0) / 4.0) ** -imbalance for rank in range(len(PROTOCOLS))]
 
 
 def _labels(n: int, rng: random.Random, imbalance: float) -> list[str]:
