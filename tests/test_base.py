@@ -82,3 +82,31 @@ def test_build_needs_enough_notes(tmp_path):
     with pytest.raises(MedtuneError, match="at least 20"):
         build_base(["a note"] * 5 + ["  "] * 30, tmp_path / "x", BaseSpec(**TINY), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_processes_building_the_same_cached_base_take_turns(notes, tmp_path, monkeypatch, capsys):
+    # a parallel sweep on the same notes: one builds, the other waits and reuses it (both built,
+    # and the second's directory swap could fail the first reader)
+    import threading
+    import time
+
+    import medtune.base as base_mod
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    real, calls = base_mod._build, []
+
+    def slow_build(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base_mod, "_build", slow_build)
+    paths: list[Path] = []
+    jobs = [threading.Thread(target=lambda: paths.append(
+        build_base(notes, spec=BaseSpec(**TINY), progress=False))) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
+    assert "waiting for another process building the base" in capsys.readouterr().err

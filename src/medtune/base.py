@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from medtune.errors import MedtuneError
-from medtune.fsutil import atomic_dir, write_json
+from medtune.fsutil import atomic_dir, file_lock, write_json
 
 BASE_FORMAT_VERSION = 2
 VOCAB_DOC_REPEATS = 20
@@ -115,8 +115,6 @@ def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpe
     Returns the directory. A build with the same inputs is reused. An explicit ``output`` that is
     not empty and holds no such build is refused unless ``overwrite``.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     spec = spec or BaseSpec()
     texts = [t for t in texts if t and t.strip()]
     if len(texts) < 20:
@@ -126,10 +124,23 @@ def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpe
     marker = out / "medtune_base.json"
     if marker.is_file() and (output is None or _marker_key(marker) == key):
         return out
+    if output is None:  # parallel jobs on the same notes: one builds, the others then reuse it
+        with file_lock(out.with_name(f".{key}.lock"),
+                       waiting=f"waiting for another process building the base {key}"):
+            if marker.is_file():
+                return out
+            return _build(texts, out, key, spec, extra_vocab_texts, progress)
     if output is not None and not overwrite and out.exists() \
             and (not out.is_dir() or any(out.iterdir())):
         raise MedtuneError(f"{out}: output exists and is not this base build "
                            "(pass --overwrite to replace it)")
+
+    return _build(texts, out, key, spec, extra_vocab_texts, progress)
+
+
+def _build(texts: list[str], out: Path, key: str, spec: BaseSpec,
+           extra_vocab_texts: list[str] | None, progress: bool) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)

@@ -67,6 +67,29 @@ def _seal_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
+def file_lock(path: str | Path, waiting: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: processes that
+    build the same thing take turns. ``waiting``: a line printed to stderr when another process
+    holds it."""
+    import fcntl
+    import sys
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; move it onto ``path`` only on success.
 
