@@ -79,3 +79,13 @@ def test_mcqa_choice_context_keeps_special_strings_as_text(tiny_tokenizer, kind)
     assert conts == clean_conts  # the answer tokens do not depend on the question
     prompt = tpl.prompt_ids(tok, plain_q)  # ordinary text: context = the prompt up to the cue
     assert prompt[:len(clean)] == clean or clean[:len(prompt)] == prompt
+
+
+def test_zero_shot_chat_options_survive_a_note_cut_to_fit(tiny_tokenizer):
+    from medtune.scoring import truncate_prompt
+
+    tok = tiny_tokenizer
+    tpl = default_template("protocol", tok, ["CT Head", "L-Spine"], "chat")
+    tpl.labels_in_prompt = True
+    ids = truncate_prompt(tpl.prompt_ids(tok, "headache " * 300), 120)  # the middle of the note goes
+    assert "Options: CT Head; L-Spine" in tok.decode(ids)

@@ -56,10 +56,12 @@ class Template:
     labels: list[str] = field(default_factory=list)
 
     def user_message(self, text: str) -> str:
-        msg = f"{self.instruction}\n\n{text}"
+        """Instruction, the options (zero-shot), then the note: a note cut to fit the context
+        loses its middle, never the options (as in the plain template's instruction)."""
+        instruction = self.instruction
         if self.labels_in_prompt and self.labels:
-            msg += "\n\nOptions: " + "; ".join(self.labels)
-        return msg
+            instruction += "\n\nOptions: " + "; ".join(self.labels)
+        return f"{instruction}\n\n{text}"
 
     def prompt_text(self, tokenizer: Any, text: str) -> str:
         if self.kind == "chat":
