@@ -321,6 +321,24 @@ def test_one_requests_failing_note_does_not_fail_the_requests_batched_with_it():
     assert results["fine"].json()["predictions"][0]["label"] == "n4"
 
 
+def test_a_prediction_that_hangs_is_a_504_and_later_requests_are_still_answered():
+    gate = threading.Event()
+    fake = FakePredictor(gate)
+    with TestClient(create_app(lambda: fake, timeout_s=0.3)) as c:
+        _wait_ready(c)
+        slow = c.post("/v1/predict", json={"note": "abc"})
+        assert slow.status_code == 504 and "longer than 0.3 s" in slow.json()["detail"]
+        gate.set()  # the model answers again
+        fake.gate = None
+        ok = c.post("/v1/predict", json={"note": "abcd"})
+        assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] == "n4"
+        assert app_inflight(c) == 0
+
+
+def app_inflight(client: TestClient) -> int:
+    return client.app.state.medtune["inflight"]
+
+
 def test_server_threshold_applies_unless_the_request_sets_its_own():
     with TestClient(create_app(lambda: FakePredictor(), min_confidence=0.8)) as c:
         _wait_ready(c)  # the fake's confidence is 0.75

@@ -352,6 +352,8 @@ def serve_cmd(
     min_confidence: Annotated[float | None, typer.Option(
         help="Abstain (flag for human review) below this probability unless a request sends "
              "its own min_confidence; unset: only blank notes abstain.", min=0, max=1)] = None,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds a request may wait for its prediction; longer: 504.", min=0.001)] = 300,
 ) -> None:
     """HTTP API (POST /v1/predict, /healthz, /readyz, /v1/labels, /docs) and a web page at /."""
     from medtune.serve import serve
@@ -366,6 +368,7 @@ def serve_cmd(
         max_batch=max_batch,
         max_concurrency=max_concurrency,
         min_confidence=min_confidence,
+        timeout_s=timeout,
     )
 
 

@@ -88,12 +88,13 @@ def _error_message(errors: list[dict[str, Any]]) -> str:
 def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 1_000_000,
                max_note_chars: int = 20_000, max_batch: int = 64, max_concurrency: int = 8,
                batch_window_ms: float = 5, max_batch_size: int = 32,
-               min_confidence: float | None = None) -> FastAPI:
+               min_confidence: float | None = None, timeout_s: float = 300) -> FastAPI:
     """The service for ``model``: a Predictor factory (a callable returning an object with
     ``labels`` and ``predict_texts``), a model directory, or a ``models:/NAME@alias`` URI.
     The model is loaded in the background at startup; /readyz says when it is ready.
     ``min_confidence``: abstain below it unless a request sets its own (None: the predictor's
-    own flags, which for a model directory means only blank notes abstain)."""
+    own flags, which for a model directory means only blank notes abstain). ``timeout_s``: a
+    request whose prediction takes longer gets 504 (a hung model must not hold clients forever)."""
     api_key = api_key if api_key is not None else (os.environ.get("MEDTUNE_API_KEY") or None)
     if api_key is not None and not api_key.strip():
         raise MedtuneError("the API key is blank: set a non-empty key or none")
@@ -181,7 +182,8 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
     errors = {401: {"description": "Missing or invalid API key"},
               413: {"description": "Request body too large"},
               429: {"description": "Too many concurrent requests"},
-              503: {"description": "Model not loaded yet"}}
+              503: {"description": "Model not loaded yet"},
+              504: {"description": "Prediction took longer than the server's timeout"}}
 
     def unavailable(public: bool = False) -> JSONResponse | None:
         if state["predictor"] is not None:
@@ -231,7 +233,10 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
         texts = body.notes if body.notes is not None else [body.note]
         state["inflight"] += 1
         try:
-            rows = await state["batcher"].submit(texts)
+            rows = await asyncio.wait_for(state["batcher"].submit(texts), timeout_s)
+        except TimeoutError:  # the batcher skips a job whose client has stopped waiting
+            log.error("prediction took longer than %gs", timeout_s)
+            return JSONResponse({"detail": f"prediction took longer than {timeout_s:g} s"}, 504)
         except Exception:  # logged by the batcher (exception type only)
             return JSONResponse({"detail": "prediction failed"}, 500)
         finally:
