@@ -68,6 +68,9 @@ def test_bench_train_structure_and_same_data_on_both_sides(train_result):
     fp32 = run["sides"]["trl_fp32"]
     assert fp32["footprint"]["grad_and_optimizer_mb"] == pytest.approx(3 * 4 * n / 2**20)
     assert fp32["tokens_total"] == ours["tokens_total"] and "medtune / trl_fp32" in md
+    # TRL with float32 LoRA and the plain loop: the same batches, optimizer and learning-rate
+    # schedule, so the same losses (TRL's own cosine warm-up started at lr 0: it lagged a step)
+    assert fp32["losses"] == pytest.approx(theirs["losses"], rel=1e-4)
 
 
 def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):
@@ -76,6 +79,10 @@ def test_bench_refuses_to_overwrite_and_unknown_sides(train_result, tmp_path):
         bench_train(out, steps=1)
     with pytest.raises(MedtuneError, match="sides"):
         bench_train(tmp_path, sides=("medtune", "deepspeed"))
+    with pytest.raises(MedtuneError, match="repeated"):
+        bench_train(tmp_path, sides=("medtune", "trl", "medtune"))
+    with pytest.raises(MedtuneError, match=r"steps must be >= 3 \(the first 2 are not timed\)"):
+        bench_train(tmp_path, steps=2)  # every step would be a warm-up step, timed
 
 
 def test_arch_presets_have_the_published_sizes():
@@ -98,10 +105,10 @@ def test_bench_train_arch_row(tmp_path, monkeypatch, capsys):
         "model_type": "gemma", "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
         "head_dim": 32, "tie_word_embeddings": True})
-    r = bench_train(tmp_path / "a", steps=2, batch_size=2, vocab="none", arch="tiny-gemma",
+    r = bench_train(tmp_path / "a", steps=3, batch_size=2, vocab="none", arch="tiny-gemma",
                     layers=2, sides="medtune,baseline", lora_r=4, progress=True)
     err = capsys.readouterr().err  # progress in a log: whole lines, no carriage returns
-    assert "\rbench" not in err and "bench train [tiny-gemma-2L] steps 2/2" in err
+    assert "\rbench" not in err and "bench train [tiny-gemma-2L] steps 3/3" in err
     (run,) = r["runs"]
     assert (run["model"], run["vocab_size"], run["hidden_size"], run["layers"]) == \
         ("tiny-gemma-2L", 4096, 64, 2)
@@ -250,3 +257,20 @@ def test_paired_counts_mcnemar():
     c, d = list("aaabbbbbbb"), list("bbbabbbbbb")
     assert paired_counts(c, d, gold) == {"only_constrained": 3, "only_generate": 1,
                                          "mcnemar_p": pytest.approx(0.625)}
+
+
+def test_a_failing_side_keeps_its_log_next_to_the_results(tmp_path):
+    from medtune.bench import _Worker
+
+    spec = {"name": "broken", "side": "medtune", "overrides": ["model.device=cpu"],
+            "data": str(tmp_path / "missing.csv"), "val": None, "labels": [], "steps": 3,
+            "threads": 1, "work": str(tmp_path / "run")}
+    worker = _Worker(spec, tmp_path, tmp_path / "out")
+    try:
+        with pytest.raises(MedtuneError, match=r"bench side 'broken' exited 1: .*missing\.csv.*"
+                                               r"\(log: .*bench_failed_broken\.log\)"):
+            worker.read()
+    finally:
+        worker.close()
+    # the work directory is temporary: the log the error names must outlive it
+    assert "missing.csv" in (tmp_path / "out" / "bench_failed_broken.log").read_text()

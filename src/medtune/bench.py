@@ -120,10 +120,11 @@ def _bench_bases(work: Path, vocab: Sequence[int | str], labels: list[str], seed
 class _Worker:
     """A bench_baseline process for one side; ``step()`` runs one step and returns its record."""
 
-    def __init__(self, spec: dict[str, Any], work: Path):
+    def __init__(self, spec: dict[str, Any], work: Path, keep: Path):
         path = work / f"{spec['name']}.json"
         path.write_text(json.dumps(spec), encoding="utf-8")
         self.log = work / f"{spec['name']}.log"
+        self.keep = keep  # where a failed side's log is copied (the work dir is temporary)
         self.name = spec["name"]
         with open(self.log, "w") as err:
             cmd = [sys.executable, "-m", "medtune.bench_baseline", str(path)]
@@ -135,10 +136,21 @@ class _Worker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
+            text = self.log.read_text(errors="replace")
+            tail = text.strip().splitlines()[-1:] or ["?"]
+            self.keep.mkdir(parents=True, exist_ok=True)
+            kept = self.keep / f"bench_failed_{self.name}.log"
+            write_text(kept, text)
             raise MedtuneError(f"bench side '{self.name}' exited {self.proc.returncode}: "
-                               f"{tail[0][:300]} (log: {self.log})")
+                               f"{tail[0][:300]} (log: {kept})")
         return json.loads(line)
+
+    def finish(self) -> dict[str, Any]:
+        """The side's end record (peak memory), once its process has exited: its shutdown
+        must not run inside another side's timed step."""
+        end = self.read()
+        self.proc.wait()
+        return end
 
     def step(self) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -198,10 +210,12 @@ def bench_train(output: str | Path, *, steps: int = 20,
     if not vocab and not arch:
         raise MedtuneError("nothing to benchmark: give a vocab and/or an arch")
     unknown = sorted(set(sides) - {"medtune", "baseline", "trl", "trl_fp32"})
-    if unknown or not sides:
-        raise MedtuneError(f"sides: unknown {unknown} (medtune, baseline, trl, trl_fp32)")
-    if steps < 1 or batch_size < 1:
-        raise MedtuneError("steps and batch_size must be >= 1")
+    if unknown or not sides or len(set(sides)) != len(sides):
+        raise MedtuneError(f"sides: unknown {unknown} or repeated (medtune, baseline, trl, "
+                           "trl_fp32, each once)")
+    if steps <= WARMUP or batch_size < 1:  # the first WARMUP steps of each side are not timed
+        raise MedtuneError(f"steps must be >= {WARMUP + 1} (the first {WARMUP} are not timed) "
+                           "and batch_size >= 1")
     results: dict[str, Any] = {"kind": "train", "machine": _machine(), "steps": steps,
                                "batch_size": batch_size, "quantization": quantization,
                                "lora_r": lora_r, "lr": lr, "sides": list(sides),
@@ -214,13 +228,16 @@ def bench_train(output: str | Path, *, steps: int = 20,
         labels = sorted(set(df["label"]))
         bases = _bench_bases(work, vocab, labels, seed, arch, layers)
         for name, base in bases.items():
-            run = _train_pair(work, name, base, labels, sides, steps=steps, batch_size=batch_size,
+            run = _train_pair(work, name, base, labels, sides, keep=json_path.parent,
+                              steps=steps, batch_size=batch_size,
                               quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha,
                               lr=lr, device=device, threads=threads, seed=seed, progress=progress)
             results["runs"].append(run)
+            write_json(json_path.with_suffix(".partial.json"), results)  # kept if a later row fails
     results["machine"]["load_avg_1m_end"] = _machine().get("load_avg_1m")
     md = _train_markdown(results)
     write_json(json_path, results)
+    json_path.with_suffix(".partial.json").unlink(missing_ok=True)
     write_text(md_path, md)
     print(md)
     return results
@@ -228,7 +245,9 @@ def bench_train(output: str | Path, *, steps: int = 20,
 
 def _train_pair(work: Path, name: str, base: Path, labels: list[str], sides: Sequence[str], *,
                 steps: int, batch_size: int, quantization: str, lora_r: int, lora_alpha: int,
-                lr: float, device: str, threads: int, seed: int, progress: bool) -> dict[str, Any]:
+                lr: float, device: str, threads: int, seed: int, progress: bool,
+                keep: Path) -> dict[str, Any]:
+    """One row: every side stepped alternately. ``keep``: where a failed side's log goes."""
     from transformers import AutoConfig
 
     overrides = [f"model.base={base}", f"model.quantization={quantization}",
@@ -245,17 +264,20 @@ def _train_pair(work: Path, name: str, base: Path, labels: list[str], sides: Seq
                     "data": str(work / "train.csv"), "val": str(work / "val.csv"),
                     "labels": labels, "steps": steps, "threads": threads,
                     "work": str(work / f"run-{name}-{side}")}
-            workers.append(_Worker(spec, work))
+            workers.append(_Worker(spec, work, keep))
         ready = [w.read() for w in workers]
         records: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+        finished: dict[str, dict[str, Any]] = {}
         with bench_progress(f"bench train [{name}] steps", disable=not progress) as bar:
             task = bar.add_task("steps", total=steps)
             for k in range(steps):
                 order = list(zip(sides, workers, strict=True))
                 for side, w in order if k % 2 == 0 else order[::-1]:  # ABBA: no side always first
                     records[side].append(w.step())
+                    if k == steps - 1:  # its wrap-up and exit, before the next side's last step
+                        finished[side] = w.finish()
                 bar.update(task, completed=k + 1)
-        ends = [w.read() for w in workers]
+        ends = [finished[side] for side in sides]
     finally:
         for w in workers:
             w.close()

@@ -11,6 +11,8 @@ Sides (same base, adapter, data, global batch, learning-rate schedule and steps)
   trl       today's TRL ``SFTTrainer`` (trl>=1 computes the log-probabilities in chunks, without the
             full logits) on the same pre-tokenised examples, random batches. For a quantized
             model it casts the LoRA weights to bf16, on every device.
+            It is given the plain loop's AdamW and warm-up + cosine schedule (transformers'
+            own warm-up starts at lr 0, a step behind the other sides).
   trl_fp32  the same with the LoRA weights cast back to float32, as medtune and the baseline keep
             them: on a CPU without native bf16 the cast alone slows TRL down.
 
@@ -202,7 +204,8 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
         _wait_go()
         t0 = time.perf_counter()
         b = {k: v.to(device) for k, v in collate([data[i] for i in idx], tok.pad_token_id).items()}
-        loss = model(**b, use_cache=False).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_cuda_bf16(device)):
+            loss = model(**b, use_cache=False).loss  # bf16 mixed precision on a GPU, as TRL's side
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         opt.step()
@@ -257,12 +260,18 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                        "loss": float(logs["loss"]), "tokens": int(state.pop("tokens", 0)),
                        "padded_tokens": int(state.pop("padded", 0))})
 
+    # the schedule of the other sides: transformers' cosine warm-up starts at lr 0 (medtune and the
+    # plain loop at lr/warmup), so TRL gets the same optimizer and LambdaLR the plain loop uses
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: _cosine(k, tc.warmup_steps, spec["steps"]))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[Pace()])
+                         callbacks=[Pace()], optimizers=(opt, sched))
     if spec["side"] == "trl_fp32":  # undo SFTTrainer's bf16 cast of a quantized model's adapter
         for p in model.parameters():
             if p.requires_grad:
-                p.data = p.data.float()  # (the optimizer is built from them in train())
+                p.data = p.data.float()  # the same Parameter objects the optimizer holds
     step_fn = trainer.training_step
 
     def counting(model, inputs, *args, **kwargs):  # this step's real and padded token counts
