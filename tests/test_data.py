@@ -143,7 +143,7 @@ def test_cop_out_of_range(tmp_path):
     head = "id,question,opa,opb,opc,opd,cop\n"
     path = write(tmp_path / "q.csv", head + "q1,What?,a,b,c,d,0\nq2,Which?,a,b,c,d,4\n")
     msg = error_of(load_labeled, path, task="mcqa")
-    assert "row 2" in msg and "'cop'" in msg and "cop_base=1" in msg
+    assert "row 2" in msg and "'cop'" in msg and "pass --cop-base 1" in msg
     one_based = load_labeled(write(tmp_path / "q1.csv", head + "q1,What?,a,b,c,d,1\n"
                                    "q2,Which?,a,b,c,d,4\n"), task="mcqa", cop_base=1)
     assert one_based["cop"].tolist() == [0, 3] and one_based["label"].tolist() == ["A", "D"]

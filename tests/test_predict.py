@@ -421,3 +421,14 @@ def test_mcqa_generation_continues_the_context_training_put_before_the_letter(tm
     assert mcqa.prompts([q], 2) == [ctx]
     assert mcqa.tokenizer.decode(ctx[-1:]).endswith(":")
     assert len(mcqa.predict_texts([q])) == 1
+
+
+def test_an_out_of_range_mcqa_answer_names_its_row_when_streaming(tmp_path):
+    from medtune.predict_io import iter_records
+
+    path = tmp_path / "q.csv"
+    path.write_text("question,opa,opb,opc,opd,cop\nWhich?,a,b,c,d,1\nWhy?,a,b,c,d,4\n")
+    chunks, _ = iter_records(path, task="mcqa")
+    with pytest.raises(MedtuneError, match=r"q\.csv: row 2, column 'cop': answer 4 out of range "
+                                           r"0-3 \(1-based answers\? pass --cop-base 1"):
+        list(chunks)

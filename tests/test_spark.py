@@ -81,3 +81,24 @@ def test_missing_pyspark_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyspark", None)
     with pytest.raises(MedtuneError, match="pip install 'medtune\\[spark\\]'"):
         spark_mod.get_session()
+
+
+def test_spark_that_cannot_start_is_one_error_line(monkeypatch):
+    pyspark_sql = pytest.importorskip("pyspark.sql")
+    from medtune.errors import MedtuneError
+    from medtune.spark import get_session
+
+    class Builder:
+        def __getattr__(self, name):  # master(), appName(), config() chain to itself
+            return lambda *a, **k: self
+
+        def getOrCreate(self):
+            raise RuntimeError("[JAVA_GATEWAY_EXITED] Java gateway process exited before "
+                               "sending its port number.\nmore lines")
+
+    monkeypatch.setattr(pyspark_sql.SparkSession, "getActiveSession", staticmethod(lambda: None))
+    monkeypatch.setattr(pyspark_sql.SparkSession, "builder", Builder())
+    with pytest.raises(MedtuneError, match=r"^Spark could not start \(RuntimeError: "
+                                           r"\[JAVA_GATEWAY_EXITED\].*\); it needs Java") as info:
+        get_session()
+    assert "\n" not in str(info.value)

@@ -177,7 +177,8 @@ def _parse_cop(value: str, row: str, path: str | Path, column: str, cop_base: in
                         f"option index ({cop_base}-{cop_base + 3}) or letter A-D") from None
     index = int(number) - cop_base
     if not 0 <= index <= 3:
-        hint = " (1-based answers? pass cop_base=1)" if cop_base == 0 and number == 4 else ""
+        hint = " (1-based answers? pass --cop-base 1 to data split or predict)" \
+            if cop_base == 0 and number == 4 else ""
         raise DataError(f"{path}: {row}, column '{column}': answer {value} out of "
                         f"range {cop_base}-{cop_base + 3}{hint}")
     return index

@@ -222,7 +222,7 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
                 cols = df[[text, *options]].set_axis(["question", *OPTION_COLUMNS], axis=1)
                 texts = [format_question(r) for r in cols.to_dict("records")]
                 gold = None if not label else [
-                    LETTERS[_parse_cop(v, offset + i + 1, path, label, cop_base)]
+                    LETTERS[_parse_cop(v, f"row {offset + i + 1}", path, label, cop_base)]
                     if str(v).strip() else "" for i, v in enumerate(df[label])]
             else:
                 texts = [str(v) for v in df[text]]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import ModelConfig, PredictConfig
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, describe
 from medtune.model import model_dir
 
 _PREDICTORS: dict[tuple, Any] = {}  # per worker process: key -> Predictor
@@ -125,12 +125,16 @@ def get_session():
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local[*]: no hostname lookup warning
-    spark = (SparkSession.builder.master("local[2]").appName("medtune-predict")
-             .config("spark.ui.enabled", "false")
-             .config("spark.sql.shuffle.partitions", "2")
-             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-             .config("spark.ui.showConsoleProgress", "false")
-             .getOrCreate())
+    try:
+        spark = (SparkSession.builder.master("local[2]").appName("medtune-predict")
+                 .config("spark.ui.enabled", "false")
+                 .config("spark.sql.shuffle.partitions", "2")
+                 .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+                 .config("spark.ui.showConsoleProgress", "false")
+                 .getOrCreate())
+    except Exception as exc:  # no Java, a bad JAVA_HOME or PYSPARK_SUBMIT_ARGS: one line
+        raise MedtuneError(f"Spark could not start ({describe(exc, 200)}); it needs Java 17+ "
+                           "(JAVA_HOME) — or use --engine local") from None
     spark.sparkContext.setLogLevel("WARN")
     return spark
 
