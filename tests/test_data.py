@@ -551,3 +551,10 @@ def test_an_unlabelled_copy_in_the_other_file_is_not_a_label_conflict(tmp_path):
     summary = inspect_data(here, against=notes_csv(tmp_path, there, "other.csv"))
     assert summary["leakage"]["shared_texts"] == 6
     assert summary["leakage"]["shared_with_different_labels"] == 1
+
+
+def test_a_medmcqa_file_read_as_protocol_notes_is_told_to_use_task_mcqa(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text("question,opa,opb,opc,opd,cop\nWhich?,a,b,c,d,1\n")
+    assert error_of(load_labeled, path).endswith("a MedMCQA file (question, opa-opd, cop): "
+                                                 "pass --task mcqa")

@@ -69,6 +69,8 @@ def _find_column(df: pd.DataFrame, path: str | Path, role: str, explicit: str | 
     if required:
         hint = {"text": "set --text-column", "question": "set --text-column",
                 "label": "set --label-column"}.get(role, f"name the column '{role}'")
+        if role in ("text", "label") and {"question", "opa", "cop"} <= set(by_lower):
+            hint = "a MedMCQA file (question, opa-opd, cop): pass --task mcqa"
         raise DataError(f"{path}: no {role} column (looked for {', '.join(candidates)}); "
                         f"available columns: {_available(df)}; {hint}")
     return None
