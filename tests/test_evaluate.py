@@ -119,7 +119,7 @@ def test_nf4_double_quant_is_4_127_bits_on_a_wider_layer(tmp_path):
     assert 8.03 < eight["quantized_bits_per_param"] < 8.07
 
 
-def test_mcqa_by_subject_and_difficulty(tiny_base, tmp_path):
+def test_mcqa_by_subject_and_difficulty(tiny_base, tmp_path, capsys):
     from medtune.model import load_tokenizer
     from medtune.synth import synth_mcqa
 
@@ -141,6 +141,8 @@ def test_mcqa_by_subject_and_difficulty(tiny_base, tmp_path):
     assert {k: v["n"] for k, v in by_diff.items()} == {"easy": 4, "hard": 4, "medium": 4}
     md = (tmp_path / "report" / "report.md").read_text()
     assert "by_difficulty" in md and "TF-IDF baseline skipped" in md
+    # the user asked for it: the console says it was skipped, not only report.md
+    assert "warning: --baseline tfidf skipped" in capsys.readouterr().err
     assert [r["model"] for r in m["comparison"]] == ["fine-tuned",
                                                      f"base (zero-shot): {tiny_base.name}"]
 

@@ -18,6 +18,7 @@ from medtune.cli_options import (
     LabelCol,
     Overrides,
     Overwrite,
+    PredictOverrides,
     TextCol,
     print_json,
 )
@@ -171,7 +172,7 @@ def predict_cmd(
     data: Annotated[Path, typer.Option(help="Input file (CSV/TSV/JSONL/Parquet).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Predictions file (.csv or .parquet).")],
     config: ConfigOpt = None,
-    overrides: Overrides = None,
+    overrides: PredictOverrides = None,
     labels: Annotated[Path | None, typer.Option(help="labels.json for a plain base (zero-shot).")] = None,
     task: Annotated[str | None, typer.Option(
         help="protocol or mcqa (default: the model's task; a plain base: protocol).")] = None,

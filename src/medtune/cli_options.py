@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
+PredictOverrides = Annotated[list[str] | None, typer.Argument(
+    help="Dotted overrides, e.g. predict.top_k=5 model.device=cpu (train.* keys have no effect "
+         "here)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 TextCol = Annotated[str | None, typer.Option("--text-column", help="Text column (auto-detected).")]

@@ -120,6 +120,8 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
             if task == "mcqa":
                 notes.append("TF-IDF baseline skipped: it does not apply to multiple choice "
                              "(the answer letter's position is random).")
+                print("warning: --baseline tfidf skipped: it does not apply to multiple choice",
+                      file=sys.stderr)
                 continue
             stage("TF-IDF + logistic regression baseline")
             row, tf_preds = _tfidf_row(train_path, texts, gold, main["labels"], task, columns)
