@@ -130,8 +130,7 @@ def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpe
             if marker.is_file():
                 return out
             return _build(texts, out, key, spec, extra_vocab_texts, progress)
-    if output is not None and not overwrite and out.exists() \
-            and (not out.is_dir() or any(out.iterdir())):
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MedtuneError(f"{out}: output exists and is not this base build "
                            "(pass --overwrite to replace it)")
 

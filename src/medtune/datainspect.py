@@ -78,6 +78,12 @@ def _phi_counts(texts: list[str]) -> dict[str, Any]:
     return {"rows_with_phi": rows, "spans": {k: spans[k] for k in TYPES if spans[k]}}
 
 
+def _conflict(a: frozenset[str], b: frozenset[str]) -> bool:
+    """Both copies labelled, differently (an unlabelled copy is no conflict)."""
+    a, b = a - {""}, b - {""}
+    return bool(a) and bool(b) and a != b
+
+
 def inspect_data(path: str | Path, *, against: str | Path | None = None, task: str = "protocol",
                  text_column: str | None = None, label_column: str | None = None,
                  tokenizer: Any = None, show_examples: bool = False) -> dict[str, Any]:
@@ -115,10 +121,7 @@ def inspect_data(path: str | Path, *, against: str | Path | None = None, task: s
             "shared_texts": len(shared),
             "rows_here": int(keys.isin(shared).sum()),
             "rows_there": int(other_keys.isin(shared).sum()),
-            # both copies labelled, differently (an unlabelled copy is no conflict)
-            "shared_with_different_labels": sum(
-                bool(here[k] - {""}) and bool(there[k] - {""}) and here[k] - {""} != there[k] - {""}
-                for k in shared),
+            "shared_with_different_labels": sum(_conflict(here[k], there[k]) for k in shared),
             "labels_only_here": sorted(ours - theirs),
             "labels_only_there": sorted(theirs - ours),
         }

@@ -247,8 +247,8 @@ def _trained_labels(path: Path, labels: str | Path | None) -> list[str]:
     trained = load_labels(path)
     if labels is None:
         return trained
-    given = load_labels(labels)
-    new = [lab for lab in given if lab not in set(trained)]
+    given, known = load_labels(labels), set(trained)
+    new = [lab for lab in given if lab not in known]
     if new:
         print(f"warning: {labels}: {len(new)} of its {len(given)} labels were never trained "
               f"(the model knows {len(trained)}); a fine-tuned model rarely chooses them",

@@ -431,9 +431,9 @@ def write_report(output_dir: str | Path, *, title: str, metrics: dict,
     for name, data in images.items():
         if not isinstance(data, bytes | bytearray) or not bytes(data).startswith(PNG_SIGNATURE):
             raise MedtuneError(f"report image {name!r}: not PNG bytes")
-        file_name, k = _image_file(name), len(files)
+        file_name, stem, k = _image_file(name), _image_file(name)[:-4], len(files)
         while file_name in files.values() or file_name in ("metrics.png", "report.png"):
-            file_name, k = f"{_image_file(name)[:-4]}_{k}.png", k + 1  # until it is free
+            file_name, k = f"{stem}_{k}.png", k + 1  # until it is free
         files[name] = file_name
 
     blocks: list[tuple] = []

@@ -293,10 +293,11 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
     optimizer = make_optimizer(param_groups(s.model, cfg), cfg, s.device)
     scheduler = make_scheduler(optimizer, cfg, total)
     start_step, state, resumed = 0, {}, {}
+    digest = examples_digest(s.train)  # once: every checkpoint records it
     if resume:
         last_ckpt = _last_checkpoint(s.run_dir)
         state = ckpt.resume(last_ckpt, s.model, optimizer, scheduler, rank=s.rank, total=total,
-                            config=s.meta["config"], digest=examples_digest(s.train))
+                            config=s.meta["config"], digest=digest)
         start_step = state["step"]
         if s.rank == 0:
             resumed = drop_metrics_after(s.run_dir / "metrics.jsonl", start_step)
@@ -407,7 +408,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
                         ckpt.save_checkpoint(s.run_dir, done, s.model, optimizer, scheduler,
                                              {"epoch": epoch, "micro_batch_size": micro,
                                               "config": s.meta["config"],
-                                              "data_digest": examples_digest(s.train),
+                                              "data_digest": digest,
                                               "elapsed_s": before + time.time() - t0},
                                              keep=tc.keep_checkpoints, full=full, rng=rng)
                 if halt:
