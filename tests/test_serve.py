@@ -66,7 +66,8 @@ class FakePredictor:
 def test_health_ready_and_page_need_no_key(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": "model"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": "model",
+                                                    "task": "protocol"}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
@@ -91,7 +92,7 @@ def test_routes_need_the_bearer_key(client, method, path):
 
 def test_labels_and_openapi(client):
     assert client.get("/v1/labels", headers=AUTH).json() == {"labels": TINY_LABELS,
-                                                             "model": "model"}
+                                                             "model": "model", "task": "protocol"}
     schema = client.get("/openapi.json", headers=AUTH).json()
     request = schema["components"]["schemas"]["PredictRequest"]["properties"]
     assert request["notes"]["anyOf"][0]["maxItems"] == 8
@@ -460,3 +461,84 @@ def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, monkeypat
         port = taken.getsockname()[1]
         with pytest.raises(MedtuneError, match=rf"127.0.0.1:{port}: cannot listen there"):
             serve(str(tmp_path / "not-even-checked"), port=port)
+
+
+# ----------------------------------------------------------------------------- multiple choice
+class FakeMCQA(FakePredictor):
+    """A multiple-choice predictor: records the texts it reads, answers 'C'."""
+
+    task = "mcqa"
+
+    def __init__(self):
+        super().__init__()
+        self.labels = ["A", "B", "C", "D"]
+        self.texts: list[str] = []
+
+    def predict_texts(self, texts):
+        self.texts.extend(texts)
+        return [{"prediction": "C", "confidence": 0.6, "abstained": False,
+                 "top_k": [["C", 0.6], ["A", 0.2]]} for _ in texts]
+
+
+QUESTION = {"question": "Which nerve is affected?",
+            "options": ["Ulnar", "Radial", "Median", "Axillary"]}
+
+
+def _formatted(q: dict) -> str:
+    from medtune.tasks.mcqa import OPTION_COLUMNS, format_question
+
+    return format_question({"question": q["question"],
+                            **dict(zip(OPTION_COLUMNS, q["options"], strict=True))})
+
+
+def test_mcqa_question_is_formatted_as_in_training_and_answered_with_a_letter():
+    fake = FakeMCQA()
+    with TestClient(create_app(lambda: fake)) as c:
+        _wait_ready(c)
+        assert c.get("/readyz").json()["task"] == "mcqa"
+        assert c.get("/v1/labels").json()["task"] == "mcqa"
+        one = c.post("/v1/predict", json={"question": QUESTION})
+        assert one.status_code == 200 and one.json()["predictions"][0]["label"] == "C"
+        expected = _formatted(QUESTION)
+        assert fake.texts == [expected] and "C. Median" in expected
+        blank = {"question": " ", "options": QUESTION["options"]}
+        many = c.post("/v1/predict", json={"questions": [QUESTION, blank]}).json()["predictions"]
+        assert [p["abstained"] for p in many] == [False, True]  # a blank question abstains
+        # a note is still accepted: the question with its options already written out
+        assert c.post("/v1/predict", json={"note": expected}).status_code == 200
+        assert fake.texts[-1] == expected
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"question": {"question": "q", "options": ["a", "b", "c"]}}, "question.options"),
+    ({"question": {"question": "q", "options": ["a", "b", " ", "d"]}}, "an option is blank"),
+    ({"question": QUESTION, "note": "x"}, "exactly one of"),
+    ({"questions": []}, "questions"),
+])
+def test_mcqa_request_errors_are_422_naming_the_field(body, message):
+    with TestClient(create_app(FakeMCQA)) as c:
+        _wait_ready(c)
+        r = c.post("/v1/predict", json=body)
+        assert r.status_code == 422 and message in r.json()["message"]
+
+
+def test_a_protocol_model_refuses_questions():
+    fake = FakePredictor()
+    with TestClient(create_app(lambda: fake)) as c:
+        _wait_ready(c)
+        r = c.post("/v1/predict", json={"question": QUESTION})
+        assert r.status_code == 422 and "send 'note' or 'notes'" in r.json()["detail"]
+        assert fake.calls == []
+
+
+def test_mcqa_base_model_served_end_to_end_matches_direct_prediction(tiny_base, tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["A", "B", "C", "D"]))
+    direct = Predictor.from_path(str(tiny_base), labels=str(labels), task="mcqa")
+    want = direct.predict_texts([_formatted(QUESTION)])[0]
+    app = create_app(lambda: Predictor.from_path(str(tiny_base), labels=str(labels), task="mcqa"))
+    with TestClient(app) as c:
+        _wait_ready(c)
+        got = c.post("/v1/predict", json={"question": QUESTION}).json()["predictions"][0]
+    assert got["label"] == want["prediction"] in "ABCD"
+    assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)

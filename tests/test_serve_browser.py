@@ -122,3 +122,51 @@ def test_page_says_when_the_model_failed_to_load():
             assert "server log" in status and "secret" not in status
         finally:
             driver.quit()
+
+
+def test_page_asks_a_multiple_choice_model_for_four_options():
+    _require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from medtune.serve import create_app, serving_in_thread
+
+    class Letters:
+        task = "mcqa"
+
+        def __init__(self):
+            self.labels, self.seen = ["A", "B", "C", "D"], []
+
+        def predict_texts(self, texts):
+            self.seen.extend(texts)
+            return [{"prediction": "C", "confidence": 0.7, "abstained": False,
+                     "top_k": [["C", 0.7], ["A", 0.2], ["B", 0.1]]} for _ in texts]
+
+    fake = Letters()
+    with serving_in_thread(create_app(lambda: fake)) as url:
+        driver = _chromium()
+        try:
+            wait = WebDriverWait(driver, 20)
+            driver.get(url + "/")
+            wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("Model ready"))
+            assert driver.find_element(By.ID, "note-label").text == "Question"
+            assert driver.find_element(By.ID, "options").is_displayed()
+            driver.find_element(By.ID, "note").send_keys("Which nerve?")
+            for i, option in enumerate(["Ulnar", "Radial", "Median"]):
+                driver.find_element(By.ID, f"opt-{i}").send_keys(option)
+            driver.find_element(By.ID, "predict").click()  # option D is still empty
+            assert "all four options" in driver.find_element(By.ID, "error").text
+            assert driver.switch_to.active_element == driver.find_element(By.ID, "opt-3")
+            assert fake.seen == []
+            driver.find_element(By.ID, "opt-3").send_keys("Axillary")
+            driver.find_element(By.ID, "predict").click()
+            label = wait.until(ec.visibility_of_element_located((By.ID, "label")))
+            wait.until(lambda d: d.find_element(By.ID, "label").text != "")
+            assert label.text == "C. Median"
+            assert driver.find_element(By.ID, "result-title").text.lower() == "suggested answer"
+            alts = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#alts li")]
+            assert alts[0].startswith("A. Ulnar") and alts[1].startswith("B. Radial")
+            assert fake.seen == ["Which nerve?\nA. Ulnar\nB. Radial\nC. Median\nD. Axillary"]
+        finally:
+            driver.quit()

@@ -5,7 +5,9 @@
     GET  /readyz    200 once the model is loaded; 503 while loading (+ Retry-After) or after a
                     failed load (the reason goes to the server log and the keyed routes)
     GET  /v1/labels the label set
-    POST /v1/predict {"note": "..."} or {"notes": [...]}, optional "min_confidence"
+    POST /v1/predict {"note": "..."} or {"notes": [...]}, optional "min_confidence";
+                    a multiple-choice (MCQA) model also takes {"question": {"question": "...",
+                    "options": [4 strings]}} or {"questions": [...]}; the answer is a letter
 
 Micro-batching: every request puts its notes on one queue; a single worker gathers the requests
 that arrive within ``batch_window_ms`` while their notes fit in ``max_batch_size`` (a larger
@@ -41,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medtune.errors import MedtuneError, describe
 from medtune.serve_asgi import Guard, MicroBatcher
+from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
 
 log = logging.getLogger("medtune.serve")
 PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -76,6 +79,11 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _task(predictor: Any) -> str:
+    """'mcqa' or 'protocol' (a custom predictor without a ``task`` attribute: protocol)."""
+    return str(getattr(predictor, "task", "protocol"))
+
+
 def _error_message(errors: list[dict[str, Any]]) -> str:
     parts = []
     for err in errors[:5]:
@@ -107,22 +115,52 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
 
     Note = Annotated[str, Field(max_length=max_note_chars)]
 
-    class PredictRequest(BaseModel):
-        """One note (``note``) or a batch (``notes``), not both."""
+    class Question(BaseModel):
+        """A multiple-choice question and its options, lettered A-D in order."""
 
         model_config = ConfigDict(extra="forbid")
-        note: Note | None = Field(None, description="One clinical note.")
+        question: Note
+        options: Annotated[list[Note], Field(min_length=len(LETTERS), max_length=len(LETTERS))]
+
+        @model_validator(mode="after")
+        def _no_blank_option(self):
+            if any(not option.strip() for option in self.options):
+                raise ValueError("an option is blank")
+            return self
+
+    class PredictRequest(BaseModel):
+        """One of: a note, a batch of notes, a question with options, a batch of those."""
+
+        model_config = ConfigDict(extra="forbid")
+        note: Note | None = Field(None, description="One clinical note (for a multiple-choice "
+                                                    "model: the question with lettered options).")
         notes: Annotated[list[Note], Field(min_length=1, max_length=max_batch)] | None = \
             Field(None, description=f"Up to {max_batch} notes.")
+        question: Question | None = Field(None, description="One multiple-choice question "
+                                                            "(MCQA models only).")
+        questions: Annotated[list[Question], Field(min_length=1, max_length=max_batch)] | None \
+            = Field(None, description=f"Up to {max_batch} questions (MCQA models only).")
         min_confidence: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = Field(
             None, description="Abstain below this probability (default: the server's "
                               "--min-confidence, if set).")
 
         @model_validator(mode="after")
         def _one_of(self):
-            if (self.note is None) == (self.notes is None):
-                raise ValueError("send exactly one of 'note' or 'notes'")
+            sent = [self.note, self.notes, self.question, self.questions]
+            if sum(x is not None for x in sent) != 1:
+                raise ValueError("send exactly one of 'note', 'notes', 'question' or "
+                                 "'questions'")
             return self
+
+        def texts(self) -> tuple[list[str], list[bool]]:
+            """(what the model reads, whether each item is blank: answered but abstained)."""
+            if self.note is not None or self.notes is not None:
+                notes = self.notes if self.notes is not None else [self.note or ""]
+                return notes, [not t.strip() for t in notes]
+            items = self.questions if self.questions is not None else [self.question]
+            texts = [format_question({"question": q.question, **dict(zip(
+                OPTION_COLUMNS, q.options, strict=True))}) for q in items if q is not None]
+            return texts, [not q.question.strip() for q in items if q is not None]
 
     class Alternative(BaseModel):
         label: str
@@ -142,6 +180,7 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
     class LabelsResponse(BaseModel):
         labels: list[str]
         model: str
+        task: str
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -176,7 +215,8 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="medtune", version="1", lifespan=lifespan,
-                  description="Clinical note -> protocol label, with confidence and abstention.")
+                  description="Clinical note -> protocol label (or multiple-choice question -> "
+                              "letter), with confidence and abstention.")
     app.state.medtune = state
     bearer = [Depends(HTTPBearer(auto_error=False))] if api_key else []
     errors = {401: {"description": "Missing or invalid API key"},
@@ -213,13 +253,14 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
 
     @app.get("/readyz", responses={503: errors[503]})
     async def readyz() -> Any:
-        return unavailable(public=True) or {"status": "ready", "model": model_name}
+        return unavailable(public=True) or {"status": "ready", "model": model_name,
+                                            "task": _task(state["predictor"])}
 
     @app.get("/v1/labels", dependencies=bearer, response_model=LabelsResponse,
              responses={k: errors[k] for k in (401, 503)})
     async def labels() -> Any:
         return unavailable() or LabelsResponse(labels=list(state["predictor"].labels),
-                                               model=model_name)
+                                               model=model_name, task=_task(state["predictor"]))
 
     @app.post("/v1/predict", dependencies=bearer, response_model=PredictResponse,
               responses=errors)
@@ -230,7 +271,11 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
         if state["inflight"] >= max_concurrency:
             return JSONResponse({"detail": f"more than {max_concurrency} requests in flight; "
                                  "retry shortly"}, 429, headers={"Retry-After": "1"})
-        texts = body.notes if body.notes is not None else [body.note]
+        task = _task(state["predictor"])
+        if task != "mcqa" and (body.question is not None or body.questions is not None):
+            return JSONResponse({"detail": "this model assigns protocols, it does not answer "
+                                 "multiple-choice questions: send 'note' or 'notes'"}, 422)
+        texts, blank = body.texts()
         state["inflight"] += 1
         try:
             rows = await asyncio.wait_for(state["batcher"].submit(texts), timeout_s)
@@ -243,11 +288,11 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
             state["inflight"] -= 1
         out = []
         threshold = body.min_confidence if body.min_confidence is not None else min_confidence
-        for text, row in zip(texts, rows, strict=True):
+        for empty, row in zip(blank, rows, strict=True):
             confidence = _finite(row.get("confidence"))
-            abstained = bool(row.get("abstained"))
+            abstained = empty or bool(row.get("abstained"))
             if threshold is not None:
-                abstained = not text.strip() or confidence is None or confidence < threshold
+                abstained = empty or confidence is None or confidence < threshold
             out.append(Prediction(
                 label=str(row["prediction"]), confidence=confidence, abstained=abstained,
                 top_k=[Alternative(label=str(lab), probability=_finite(p))
