@@ -432,3 +432,17 @@ def test_an_out_of_range_mcqa_answer_names_its_row_when_streaming(tmp_path):
     with pytest.raises(MedtuneError, match=r"q\.csv: row 2, column 'cop': answer 4 out of range "
                                            r"0-3 \(1-based answers\? pass --cop-base 1"):
         list(chunks)
+
+
+def test_a_plain_bases_labels_file_must_suit_the_task(tiny_base, tmp_path, capsys):
+    protocols = tmp_path / "protocols.json"
+    protocols.write_text(json.dumps(TINY_LABELS))
+    with pytest.raises(MedtuneError, match=r"protocols.json: --task mcqa answers with the "
+                                           r"letters A, B, C, D, but this labels file lists"):
+        Predictor.from_path(str(tiny_base), labels=str(protocols), task="mcqa")
+    letters = tmp_path / "letters.json"
+    letters.write_text(json.dumps(["A", "B", "C", "D"]))
+    assert Predictor.from_path(str(tiny_base), labels=str(letters), task="mcqa").labels[0] == "A"
+    assert "warning" not in capsys.readouterr().err
+    Predictor.from_path(str(tiny_base), labels=str(letters), task="protocol")
+    assert "letters.json: the labels are option letters (A, B, C, D)" in capsys.readouterr().err

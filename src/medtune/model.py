@@ -268,6 +268,22 @@ def as_trained(meta: dict[str, Any], cfg: ModelConfig | None = None) -> ModelCon
     return ModelConfig(**{**cfg.__dict__, "quantization": quant, "compute_dtype": dtype})
 
 
+def _check_task_labels(task: str, labels: list[str], source: Path) -> None:
+    """A plain base's labels file must suit ``--task``: multiple choice picks among the letters
+    A-D (a protocol labels file there would score protocol names after an 'Answer:' cue)."""
+    from medtune.tasks.mcqa import LETTERS
+
+    letters = set(labels) <= set(LETTERS)
+    if task == "mcqa" and not letters:
+        odd = next(lab for lab in labels if lab not in LETTERS)
+        raise MedtuneError(f"{source}: --task mcqa answers with the letters "
+                           f"{', '.join(LETTERS)}, but this labels file lists '{odd[:60]}' "
+                           "(a protocol labels file? use --task protocol)")
+    if task == "protocol" and letters:
+        print(f"warning: {source}: the labels are option letters ({', '.join(labels)}): for "
+              "multiple-choice questions pass --task mcqa", file=sys.stderr)
+
+
 def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
                        labels: str | Path | None = None, task: str = "protocol",
                        quantization: str | None = None) -> Loaded:
@@ -306,6 +322,7 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
         tokenizer = load_tokenizer(path)
         model = load_base_model(str(path), cfg, tokenizer, quantization=quantization or "none")
         label_list = load_labels(labels or path)
+        _check_task_labels(task, label_list, Path(labels) if labels else path / "labels.json")
         template = default_template(task, tokenizer, label_list)
         if task == "protocol":
             template.labels_in_prompt = True  # zero-shot: the model must see the choices
