@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -240,3 +241,25 @@ def test_pyfunc_blank_cells_of_any_kind_are_blank_notes():
     out = model.predict(None, frame)
     assert seen == [["chest pain", "", ""]]  # pd.NA was scored as the text '<NA>'
     assert out["abstained"].tolist() == [False, True, True]
+
+
+def test_cli_shows_no_mlflow_info_lines_and_registers_no_pickle(tmp_path, merged_dir, store):
+    # a fresh store: MLflow logs "Creating initial MLflow database tables..." at INFO
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh.db'}",
+           "MEDTUNE_CACHE": str(tmp_path / "cache")}
+    env.pop("MLFLOW_LOGGING_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-m", "medtune", "serve", "--model",
+                           "models:/absent@champion"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2  # medtune's exit code for a MedtuneError
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: models:/absent@champion: not found in the registry")
+
+    # the registered model is code plus artifacts (MLflow's "models from code"), not a pickle
+    import mlflow
+
+    info = register(merged_dir, "tiny-code")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-code/{info['version']}",
+                                                     dst_path=str(tmp_path / "dl")))
+    assert (local / "registry_model.py").is_file() and not (local / "python_model.pkl").exists()

@@ -375,10 +375,11 @@ def serve_cmd(
 
 def main() -> None:
     # medtune draws its own progress; the libraries' per-load bars ("Loading weights", "Writing
-    # model shards", MLflow's "Downloading artifacts") only clutter it. Set either variable to
-    # bring them back.
+    # model shards", MLflow's "Downloading artifacts") only clutter it, as do MLflow's INFO lines
+    # ("Creating initial MLflow database tables..."). Set a variable to bring them back.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")

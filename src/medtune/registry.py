@@ -279,7 +279,7 @@ def register(run_dir: str | Path, name: str, alias: str = "champion") -> dict[st
         with mlflow.start_run(run_name=f"register-{name}", nested=nested) as run:
             mlflow.set_tags({"medtune.source": str(model_dir.resolve())})
             info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=MedtuneModel(),
+                name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("registry_model.py")),
                 artifacts={MODEL_ARTIFACT: str(staged)}, signature=signature,
                 input_example=example, pip_requirements=_requirements(),
                 registered_model_name=name)
