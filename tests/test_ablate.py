@@ -109,3 +109,30 @@ def test_failed_cell_is_recorded_and_leaves_no_run(data_dir, tiny_base, tmp_path
     assert not (out / "cells" / "none-lora").exists()
     assert "failed: loss became nan" in (out / "ablation.md").read_text()
     assert not (out / "ablation_accuracy.png").exists()  # nothing measured, nothing plotted
+
+
+def test_ctrl_c_keeps_the_cells_measured_so_far(data_dir, tiny_base, tmp_path, monkeypatch,
+                                                capsys):
+    calls = []
+
+    def cell(cfg, data, val, cell_dir, base, labels_file, texts, gold, q, a, progress):
+        calls.append(a)
+        if a == "full":
+            cell_dir.mkdir(parents=True)
+            raise KeyboardInterrupt
+        return {"status": "ok", "accuracy": 0.5, "train_seconds": 1.0}
+
+    monkeypatch.setattr(ablate_mod, "_run_cell", cell)
+    out = tmp_path / "ablation"
+    with pytest.raises(KeyboardInterrupt):
+        ablate(str(data_dir / "train.csv"), str(out), base=str(tiny_base), steps=1,
+               quantizations=("none", "nf4"), adaptations=("lora", "full"), cfg=_cfg())
+    assert calls == ["lora", "full"]  # nothing after the interrupted cell
+    cells = json.loads((out / "ablation.json").read_text())["cells"]
+    assert [c["status"] for c in cells] == ["ok", "not run: interrupted",
+                                            "not run: interrupted", "not run: interrupted"]
+    assert cells[0]["accuracy"] == 0.5 and not (out / "cells" / "none-full").exists()
+    assert "not run: interrupted" in (out / "ablation.md").read_text()
+    err = capsys.readouterr().err
+    assert "ablate: cell 1/4 none / lora: accuracy 0.5, trained in 1.0 s" in err
+    assert f"ablate: interrupted; 1 measured cell(s) written to {out}" in err

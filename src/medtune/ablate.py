@@ -3,7 +3,7 @@
 Every cell starts from the same base model and is trained with the same steps, batch size and
 learning rate as the other cells of its adaptation kind (LoRA cells share ``train.lr``; full
 fine-tuning cells share ``full_lr``, default train.lr / 10 because every weight moves), then
-measured by ``evaluate.measure_isolated`` on the same test file in a fresh process (own peak
+measured by ``measure.measure_isolated`` on the same test file in a fresh process (own peak
 memory). Cells that cannot run are recorded, not hidden:
 
 - full fine-tuning of a quantized model: 4-/8-bit weights receive no gradients;
@@ -11,13 +11,16 @@ memory). Cells that cannot run are recorded, not hidden:
 
 Output directory: ``ablation.json`` (settings + one row per cell), ``ablation.md`` (the table),
 ``report.html`` / ``report.md`` / ``metrics.json`` / ``comparison.json`` (``report.write_report``)
-and ``ablation_accuracy.png``; each trained cell's run directory under ``cells/``.
+and ``ablation_accuracy.png``; each trained cell's run directory under ``cells/``. A line per
+finished cell goes to stderr; Ctrl-C writes the cells measured so far (the rest "not run:
+interrupted") before stopping.
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,29 +184,53 @@ def ablate(data: str, output: str, *, val: str | None = None, test: str | None =
                 "batch_size": cfg.train.batch_size, "lora_lr": cfg.train.lr, "full_lr": full_lr,
                 "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "seed": cfg.train.seed}
     rows: list[dict[str, Any]] = []
-    # the output directory appears complete or not at all (cells train inside the temp dir)
+    grid = [(q, a) for q in quantizations for a in adaptations]
+    interrupted = False
+    # the output directory appears complete or not at all (cells train inside the temp dir);
+    # Ctrl-C writes the cells measured so far, the others marked "not run: interrupted"
     with atomic_dir(output) as out:
         labels_file = out / "labels.json"
         write_json(labels_file, {"task": task, "labels": labels})
-        for q in quantizations:
-            for a in adaptations:
-                row: dict[str, Any] = {"cell": f"{q} / {a}", "quantization": q, "adaptation": a}
-                if a == "full" and q != "none":
-                    row["status"] = ("skipped: full fine-tuning needs unquantized weights "
-                                     f"({q} weights receive no gradients)")
-                elif unavailable[q]:
-                    row["status"] = f"skipped: {unavailable[q]}"
-                else:
-                    c = _cell_config(cfg, base_dir, q, a, steps, full_lr)
-                    try:
-                        row.update(_run_cell(c, data, val, out / "cells" / f"{q}-{a}",
-                                             base_dir, labels_file, texts, gold, q, a, progress))
-                    except (MedtuneError, RuntimeError, ValueError, OSError) as exc:
-                        row["status"] = f"failed: {first_line(exc)}"
-                        shutil.rmtree(out / "cells" / f"{q}-{a}", ignore_errors=True)
-                rows.append(row)
+        for i, (q, a) in enumerate(grid, 1):
+            row: dict[str, Any] = {"cell": f"{q} / {a}", "quantization": q, "adaptation": a}
+            rows.append(row)
+            if interrupted:
+                row["status"] = "not run: interrupted"
+                continue
+            if a == "full" and q != "none":
+                row["status"] = ("skipped: full fine-tuning needs unquantized weights "
+                                 f"({q} weights receive no gradients)")
+            elif unavailable[q]:
+                row["status"] = f"skipped: {unavailable[q]}"
+            else:
+                c = _cell_config(cfg, base_dir, q, a, steps, full_lr)
+                try:
+                    row.update(_run_cell(c, data, val, out / "cells" / f"{q}-{a}",
+                                         base_dir, labels_file, texts, gold, q, a, progress))
+                except (MedtuneError, RuntimeError, ValueError, OSError) as exc:
+                    row["status"] = f"failed: {first_line(exc)}"
+                    shutil.rmtree(out / "cells" / f"{q}-{a}", ignore_errors=True)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    row["status"] = "not run: interrupted"
+                    shutil.rmtree(out / "cells" / f"{q}-{a}", ignore_errors=True)
+            if progress:
+                print(f"ablate: cell {i}/{len(grid)} {row['cell']}: {_cell_summary(row)}",
+                      file=sys.stderr, flush=True)
         _write(out, settings, rows)
+    if interrupted:
+        done = sum(r["status"] == "ok" for r in rows)
+        print(f"ablate: interrupted; {done} measured cell(s) written to {output}",
+              file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
     return rows
+
+
+def _cell_summary(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return str(row["status"])
+    return f"accuracy {row.get('accuracy', float('nan')):.4g}, trained in " \
+           f"{row.get('train_seconds', 0):.1f} s"
 
 
 def _cell_text(value: Any) -> str:
