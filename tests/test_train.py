@@ -516,3 +516,16 @@ def test_progress_false_shows_no_library_bars_on_load_or_save(tiny_base, two_lab
     assert "Loading weights" in loud and "Writing model shards" in loud
     assert "Loading weights" not in quiet and "Writing model shards" not in quiet
     assert hf_logging.is_progress_bar_enabled() == was
+
+
+def test_a_relative_base_is_recorded_absolute_so_the_run_loads_from_anywhere(
+        tiny_base, two_label_data, tmp_path, monkeypatch):
+    from medtune.predict import Predictor
+
+    monkeypatch.chdir(tiny_base.parent)
+    cfg = tiny_cfg(tiny_base.name, "model.quantization=none", "train.max_steps=1")
+    run = train(cfg, two_label_data, tmp_path / "run", progress=False)
+    assert json.loads((run / "medtune.json").read_text())["base"] == str(tiny_base.resolve())
+    monkeypatch.chdir(tmp_path)  # where the base's relative name means nothing
+    assert Predictor.from_path(str(run)).predict_texts(["chest pain"])[0]["prediction"] in (
+        "CT Head", "L-Spine")

@@ -198,7 +198,9 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
                            cfg.train.max_length, labels) for df in (train_df, val_df)]
     if rank == 0 and not resume:
         _fresh_run_dir(run_dir, overwrite)
-    meta = {"kind": "run" if cfg.lora.enabled else "merged", "base": base, "task": cfg.data.task,
+    local = Path(base).expanduser()  # a local base is recorded absolute: found from any directory
+    meta = {"kind": "run" if cfg.lora.enabled else "merged",
+            "base": str(local.resolve()) if local.is_dir() else base, "task": cfg.data.task,
             "quantization": cfg.model.quantization, "device": device,
             "compute_dtype": str(compute_dtype(device, cfg.model.compute_dtype)).replace("torch.", ""),
             "train_rows": len(train_df), "val_rows": len(val_df), "data": str(data),
