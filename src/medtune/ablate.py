@@ -169,10 +169,11 @@ def ablate(data: str, output: str, *, val: str | None = None, test: str | None =
     _check_grid(quantizations, adaptations, steps)
     test_path = _test_file(data, test)
     task = cfg.data.task
-    columns = {"text_column": cfg.data.text_column, "label_column": cfg.data.label_column}
-    test_df = load_labeled(test_path, task=task, **columns)
+    text_column, label_column = cfg.data.text_column, cfg.data.label_column
+    test_df = load_labeled(test_path, task=task, text_column=text_column, label_column=label_column)
     texts, gold = list(test_df["text"]), list(test_df["label"])
-    train_labels = sorted(set(load_labeled(data, task=task, drop_empty=True, **columns)["label"]))
+    train_df = load_labeled(data, task=task, drop_empty=True, text_column=text_column, label_column=label_column)
+    train_labels = sorted(set(train_df["label"]))
     labels = ["A", "B", "C", "D"] if task == "mcqa" else train_labels
     check_output_dir(output, overwrite, inputs=[data, val, test_path, cfg.model.base])  # before training
     device = resolve_device(cfg.model.device)

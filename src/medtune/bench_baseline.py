@@ -120,7 +120,7 @@ def run_medtune(spec: dict[str, Any]) -> dict[str, Any]:
     mem = Memory(s.device)
     _send({"ready": True, "examples": len(s.train), "device": s.device,
            "footprint": footprint(s.model)})
-    state = {"t": 0.0, "tokens": 0.0, "step": 0}
+    state: dict[str, Any] = {"t": 0.0, "tokens": 0.0, "step": 0}  # "step" stays an int
 
     def on_row(row: dict[str, Any]) -> None:
         if "loss" not in row:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -386,7 +386,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # click's usage errors come here, printed below
     except _CLICK.ClickException as exc:  # a bad command line: one line, like every other error
-        if isinstance(exc, getattr(_CLICK, "NoArgsIsHelpError", ())):
+        no_args_help: Any = getattr(_CLICK, "NoArgsIsHelpError", ())  # () (older click): matches nothing
+        if isinstance(exc, no_args_help):
             exc.show()  # `medtune data` alone: the group's help, as before
             sys.exit(exc.exit_code)
         if debug:

@@ -235,7 +235,7 @@ def _apply(obj: Any, key: str, value: Any) -> None:
     """Set dotted ``key`` (e.g. 'train.lr') on the nested dataclass ``obj``."""
     parts = key.split(".")
     target = obj
-    path = []
+    path: list[str] = []
     for part in parts[:-1]:
         names = [f.name for f in dataclasses.fields(target)]
         if part not in names or not dataclasses.is_dataclass(getattr(target, part)):

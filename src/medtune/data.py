@@ -191,7 +191,9 @@ def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
                cop_base: int) -> pd.DataFrame:
     if cop_base not in (0, 1):
         raise ConfigError(f"cop_base must be 0 or 1, got {cop_base}")
-    source = {"question": _find_column(df, path, "question", question_column, ["question"], True)}
+    question = _find_column(df, path, "question", question_column, ["question"], True)
+    assert question is not None  # required: _find_column raised otherwise
+    source: dict[str, str | None] = {"question": question}
     for name in OPTION_COLUMNS:
         source[name] = _find_column(df, path, name, None, [name], True)
     source["cop"] = _find_column(df, path, "cop", cop_column, ["cop"], require_labels)
@@ -202,7 +204,7 @@ def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
     for name, column in source.items():
         out[name] = df[column].to_numpy() if column else ""
     out["_place"] = _places(df)  # where each row is in the file, kept past dropped rows
-    checks = {"question": source["question"]}
+    checks = {"question": question}
     if source["cop"] and require_labels:
         checks["cop"] = source["cop"]
     out = _handle_empty(out, path, checks, drop_empty)

@@ -43,14 +43,14 @@ def _option_texts(df, letters: list[str]) -> list[str]:
             zip(letters, df.iterrows(), strict=True)]
 
 
-def _leakage(train_path: str | None, texts: list[str], task: str,
-             columns: dict[str, str | None]) -> dict[str, Any] | None:
+def _leakage(train_path: str | None, texts: list[str], task: str, *, text_column: str | None,
+             label_column: str | None) -> dict[str, Any] | None:
     """How many test texts also occur (normalized) in the training file."""
     if not train_path or not Path(train_path).is_file():
         return None
     from medtune.data import load_labeled, normalize_text
 
-    train_df = load_labeled(train_path, task=task, **columns)
+    train_df = load_labeled(train_path, task=task, text_column=text_column, label_column=label_column)
     train = {normalize_text(t) for t in train_df["text"]}
     shared = sum(normalize_text(t) in train for t in texts)
     return {"train_file": str(train_path), "train_rows": len(train_df),
@@ -91,8 +91,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     baseline = list(baseline or [])
     train_path = train_data or _sibling_train(data)
     _check_baselines(baseline, train_path, task)
-    columns = {"text_column": text_column, "label_column": label_column}
-    df = load_labeled(data, task=task, **columns)
+    df = load_labeled(data, task=task, text_column=text_column, label_column=label_column)
     texts, gold = list(df["text"]), list(df["label"])
     known = Path(labels or Path(model) / "labels.json")
     if task == "protocol" and known.exists():  # gold the model cannot predict: warn, or refuse
@@ -124,7 +123,8 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
                       file=sys.stderr)
                 continue
             stage("TF-IDF + logistic regression baseline")
-            row, tf_preds = _tfidf_row(train_path, texts, gold, main["labels"], task, columns)
+            row, tf_preds = _tfidf_row(train_path, texts, gold, main["labels"], task,
+                                       text_column=text_column, label_column=label_column)
             comparison.append(row)
             predictions.append(tf_preds)
             continue
@@ -162,7 +162,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
             if row is comparison[0]:
                 metrics["semantic_similarity"] = sim["mean"]
                 metrics["semantic_similarity_model"] = sim["model"]
-    leak = _leakage(train_path, texts, task, columns)
+    leak = _leakage(train_path, texts, task, text_column=text_column, label_column=label_column)
     if leak is not None:
         metrics["leakage"] = leak
         if leak["test_rows_also_in_train"]:
@@ -192,14 +192,14 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     return metrics
 
 
-def _tfidf_row(train_path: str | None, texts, gold, labels, task: str,
-               columns: dict[str, str | None]) -> tuple[dict[str, Any], list[str]]:
+def _tfidf_row(train_path: str | None, texts, gold, labels, task: str, *, text_column: str | None,
+               label_column: str | None) -> tuple[dict[str, Any], list[str]]:
     from medtune.baseline import tfidf_baseline
     from medtune.data import load_labeled
     from medtune.metrics import classification_metrics, latency_stats
 
     assert train_path is not None  # _check_baselines
-    tr = load_labeled(train_path, task=task, **columns)
+    tr = load_labeled(train_path, task=task, text_column=text_column, label_column=label_column)
     res = tfidf_baseline(list(tr["text"]), list(tr["label"]), texts, latency_sample=LATENCY_SAMPLE)
     m = classification_metrics(gold, list(res.predictions), None, labels)
     lat = latency_stats(res.latency_s)  # one note at a time, as the models' rows

@@ -289,7 +289,9 @@ def fold_in_memory(model, dtype: torch.dtype | None = None) -> int:
         replaced += 1
     for name in [n for n, _ in _quantized_layers(model)]:  # 4-/8-bit layers without an adapter
         module = model.get_submodule(name)
-        _replace(model, name, _plain_linear(module, dequantized_weight(module).to(dtype), compute))
+        dense = dequantized_weight(module)
+        assert dense is not None  # _quantized_layers yields only the layer kinds it dequantizes
+        _replace(model, name, _plain_linear(module, dense.to(dtype), compute))
         replaced += 1
     return replaced
 

@@ -145,7 +145,7 @@ def calibration(correct: np.ndarray, conf: np.ndarray) -> dict:
         count = int(mask.sum())
         acc = float(correct[mask].mean()) if count else None
         mean_conf = float(conf[mask].mean()) if count else None
-        if count:
+        if acc is not None and mean_conf is not None:  # (count > 0)
             ece += count / n * abs(acc - mean_conf)
         reliability.append({"lower": float(edges[b]), "upper": float(edges[b + 1]),
                             "count": count, "accuracy": acc, "mean_confidence": mean_conf})

@@ -219,9 +219,9 @@ def _sample(rng: random.Random) -> tuple[str, list[tuple[int, int, str, bool]]]:
     if rng.random() < 0.5:
         segments.append((rng.choice(DISTRACTORS), None, False))
     text, spans, pos = "", [], 0
-    for piece, kind, held in segments:
-        if kind is not None:
-            spans.append((pos, pos + len(piece), kind, held))
+    for piece, label, held in segments:
+        if label is not None:
+            spans.append((pos, pos + len(piece), label, held))
         text += piece
         pos += len(piece)
     return text.strip(), spans
@@ -247,8 +247,12 @@ def evaluate_scrubber(n: int = 2000, seed: int = 0) -> dict:
     A gold span is found when one predicted span (any type) covers all of it. Precision: predicted
     spans that overlap some gold span / all predicted spans.
     """
-    found, total, held_found, held_total = Counter(), Counter(), Counter(), Counter()
-    pred_ok, pred_all = Counter(), Counter()
+    found: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    held_found: Counter[str] = Counter()
+    held_total: Counter[str] = Counter()
+    pred_ok: Counter[str] = Counter()
+    pred_all: Counter[str] = Counter()
     for text, gold in _synth(n, seed):
         predicted = find_phi(text)
         for start, end, kind, held in gold:

@@ -90,8 +90,8 @@ def _raw_chunks(path: Path, rows: int) -> tuple[Iterator[pd.DataFrame], int | No
         if head.startswith("["):  # one JSON array: not streamable, read whole
             df = read_table(path)
             return (df.iloc[i:i + rows] for i in range(0, len(df), rows)), len(df)
-        with open(path, "rb") as fh:  # a progress total: one cheap pass over the lines
-            total = sum(1 for line in fh if line.strip())
+        with open(path, "rb") as raw:  # a progress total: one cheap pass over the lines
+            total = sum(1 for line in raw if line.strip())
         return _json_lines(path, rows), total
     raise DataError(f"{path}: unknown file format '{suffix}'; supported: {SUPPORTED}")
 
@@ -249,7 +249,8 @@ class ChunkWriter:
     """Append DataFrames of the same columns to one CSV or Parquet file."""
 
     def __init__(self, path: Path, fmt: str):
-        self.path, self.fmt, self.rows, self._pq = path, fmt, 0, None
+        self.path, self.fmt, self.rows = path, fmt, 0
+        self._pq: Any = None  # a pyarrow ParquetWriter from the first Parquet chunk on
 
     def write(self, df: pd.DataFrame) -> None:
         if self.fmt == "csv":

@@ -35,8 +35,8 @@ try:  # mlflow is an optional extra (medtune[mlflow])
     import mlflow
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover - exercised only without the extra
-    mlflow = None  # type: ignore[assignment]
-    PythonModel = object  # type: ignore[assignment,misc]
+    mlflow = None
+    PythonModel = object
 
 MODEL_ARTIFACT = "model"  # key of the model directory among the pyfunc artifacts
 RUN_FILES = ("metrics.jsonl", "loss.png", "labels.json", "template.json", "medtune.json",

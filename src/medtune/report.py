@@ -94,7 +94,7 @@ def reliability_png(reliability: Sequence[dict]) -> bytes:
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     total = sum(int(b.get("count") or 0) for b in reliability) or 1
-    legend = "accuracy"  # on the first drawn bar (the lowest bins are mostly empty)
+    legend: str | None = "accuracy"  # on the first drawn bar (the lowest bins are mostly empty)
     for b in reliability:
         lower, upper = float(b["lower"]), float(b["upper"])
         count = int(b.get("count") or 0)
@@ -185,8 +185,8 @@ def _number(value: Any) -> float | None:
 
 def comparison_png(rows: list[dict], metric: str) -> bytes:
     """Bar chart of ``metric`` for each row's ``model`` (rows lacking it are left out)."""
-    points = [(str(r.get("model", f"row {i}")), _number(r.get(metric))) for i, r in enumerate(rows)]
-    points = [(name, v) for name, v in points if v is not None]
+    given = [(str(r.get("model", f"row {i}")), _number(r.get(metric))) for i, r in enumerate(rows)]
+    points = [(name, v) for name, v in given if v is not None]
     if not points:
         raise MedtuneError(f"comparison: no row has a numeric {metric!r}")
     fig = _figure(6.5, 1.2 + 0.5 * len(points))

@@ -190,7 +190,8 @@ def score_tree(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequenc
               "position_ids": pos.to(device), "use_cache": False}
     if cache is not None:
         cache.batch_repeat_interleave(batch)
-        inputs[_cache_keyword(type(decoder(model)))] = cache
+        body: type = type(decoder(model))  # annotated: mypy takes an inferred type[Any] as unhashable
+        inputs[_cache_keyword(body)] = cache
     src = src_idx.to(device)[..., None]
     if is_sharded(model):  # FSDP (validation): the root forward, whose hooks gather the head
         logits = unwrap(model)(**inputs).logits
@@ -229,7 +230,7 @@ def _masks(model, allowed: torch.Tensor, pos: torch.Tensor, shared: int, device)
 
 
 @functools.lru_cache(maxsize=16)
-def _cache_keyword(cls: type) -> str:
+def _cache_keyword(cls: type[Any]) -> str:
     """The forward argument of decoder class ``cls`` that takes a KV cache: ``cache`` since
     transformers 5.24 (which deprecates ``past_key_values``), ``past_key_values`` before.
     Looked up once per class, not per batch."""
@@ -318,15 +319,19 @@ def label_rows(model, tokenizer, template, texts: Sequence[str], labels: Sequenc
     from medtune.tasks.mcqa import choice_ids
 
     pairs = [choice_ids(tokenizer, template, t, labels) for t in texts]
-    groups: dict[tuple, list[int]] = {}
-    for i, (_, conts) in enumerate(pairs):
-        groups.setdefault(tuple(map(tuple, conts)), []).append(i)
+    groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+    for i, (_, choices) in enumerate(pairs):
+        groups.setdefault(tuple(map(tuple, choices)), []).append(i)
     rows: list[Any] = [None] * len(texts)
     for conts, idx in groups.items():
         # room for the longest choice + the EOS training appends (batching.encode_examples)
         cut = None if limit is None else max(8, limit - max(len(c) for c in conts) - 1)
         prompts = [truncate_prompt(pairs[i][0], cut) for i in idx]
-        scored = run(lambda b, c=conts: list(score_tree(model, b, c, pad, memo)), prompts)
+
+        def score_group(b: list[list[int]], c: Sequence[Sequence[int]] = conts) -> list[Any]:
+            return list(score_tree(model, b, c, pad, memo))
+
+        scored = run(score_group, prompts)
         for i, row in zip(idx, scored, strict=True):
             rows[i] = row
     return rows

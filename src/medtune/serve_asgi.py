@@ -81,7 +81,8 @@ class MicroBatcher:
                     await self._predict([job])
                 return
             log.error("prediction failed: %s", type(exc).__name__)
-            batch[0].future.done() or batch[0].future.set_exception(exc)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
             return
         self.batches += 1
         start = 0
@@ -146,19 +147,19 @@ class Guard:
             await _send_json(send, 401, {"detail": "missing or invalid API key "
                                          "(send 'Authorization: Bearer <key>')"},
                              {"www-authenticate": "Bearer"})
-            return
+            return None
         too_big = {"detail": f"request body larger than {self.max_body} bytes"}
         headers = dict(scope.get("headers", []))
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body:
             await _send_json(send, 413, too_big)
-            return
+            return None
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if scope.get("method") == "POST" and kind not in (b"application/json", b"") \
                 and not kind.endswith(b"+json"):
             await _send_json(send, 415, {"detail": f"send JSON (content-type: application/json), "
                                          f"not {kind.decode('latin-1')[:60]}"})
-            return
+            return None
         chunks, size, more = [], 0, True
         while more:  # read the whole (bounded) body first, then replay it to the app
             message = await receive()
@@ -168,7 +169,7 @@ class Guard:
             size += len(chunk)
             if size > self.max_body:
                 await _send_json(send, 413, too_big)
-                return
+                return None
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, sent = b"".join(chunks), False

@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,7 +273,7 @@ def validate(s: Setup) -> dict[str, float]:
     return {"val_loss": ce_sum / max(1, count), "val_accuracy": acc}
 
 
-def _log(s: Setup, row: dict[str, Any], callbacks: list[Callback]) -> None:
+def _log(s: Setup, row: dict[str, Any], callbacks: Sequence[Callback]) -> None:
     if s.rank != 0:
         return
     with open(s.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
@@ -283,7 +283,7 @@ def _log(s: Setup, row: dict[str, Any], callbacks: list[Callback]) -> None:
 
 
 def fit(s: Setup, *, resume: bool = False, progress: bool = True,
-        callbacks: list[Callback] | None = None) -> dict[str, Any]:
+        callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
     cfg, tc = s.cfg, s.cfg.train
     callbacks = callbacks or []
     if tc.batch_size % s.world:
@@ -460,7 +460,7 @@ def save(s: Setup, summary: dict[str, Any]) -> Path:
 
 def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
-          callbacks: list[Callback] | None = None) -> Path:
+          callbacks: Sequence[Callback] | None = None) -> Path:
     """Setup -> fit -> save. Returns the run directory."""
     s = setup(cfg, data, output, val=val, resume=resume, overwrite=overwrite, progress=progress)
     if s.rank == 0:
