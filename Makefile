@@ -28,6 +28,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q --timeout=900; rc=$$?; \
@@ -38,4 +39,4 @@ bench: setup
 	$(BIN)/medtune bench predict --output runs/bench --overwrite --threads 1 --threads 2
 
 clean:
-	rm -rf runs .cache .pytest_cache .ruff_cache
+	rm -rf runs .cache .pytest_cache .ruff_cache .mypy_cache
