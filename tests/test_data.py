@@ -143,7 +143,7 @@ def test_cop_out_of_range(tmp_path):
     head = "id,question,opa,opb,opc,opd,cop\n"
     path = write(tmp_path / "q.csv", head + "q1,What?,a,b,c,d,0\nq2,Which?,a,b,c,d,4\n")
     msg = error_of(load_labeled, path, task="mcqa")
-    assert "row 2" in msg and "'cop'" in msg and "pass --cop-base 1" in msg
+    assert "row 2" in msg and "'cop'" in msg and "pass --cop-base 1, or set data.cop_base=1" in msg
     one_based = load_labeled(write(tmp_path / "q1.csv", head + "q1,What?,a,b,c,d,1\n"
                                    "q2,Which?,a,b,c,d,4\n"), task="mcqa", cop_base=1)
     assert one_based["cop"].tolist() == [0, 3] and one_based["label"].tolist() == ["A", "D"]
@@ -556,5 +556,24 @@ def test_an_unlabelled_copy_in_the_other_file_is_not_a_label_conflict(tmp_path):
 def test_a_medmcqa_file_read_as_protocol_notes_is_told_to_use_task_mcqa(tmp_path):
     path = tmp_path / "q.csv"
     path.write_text("question,opa,opb,opc,opd,cop\nWhich?,a,b,c,d,1\n")
-    assert error_of(load_labeled, path).endswith("a MedMCQA file (question, opa-opd, cop): "
-                                                 "pass --task mcqa")
+    assert error_of(load_labeled, path).endswith(
+        "q.csv: a MedMCQA file (question, opa-opd columns) read as protocol notes: pass --task "
+        "mcqa (or data.task=mcqa), or --text-column to read one column as notes")
+
+
+def test_a_split_medmcqa_file_read_as_protocol_is_refused_too(tmp_path):
+    # data split's MCQA output has text and label columns besides question and opa-opd
+    path = write(tmp_path / "train.csv", "id,question,opa,opb,opc,opd,cop,text,label\n"
+                 "q1,Which?,a,b,c,d,1,Which?,B\n")
+    assert "read as protocol notes: pass --task mcqa" in error_of(load_labeled, path)
+    assert load_labeled(path, text_column="text")["label"].tolist() == ["B"]  # as asked
+
+
+def test_a_blank_mcqa_option_is_an_error_naming_row_and_column(tmp_path):
+    head = "id,question,opa,opb,opc,opd,cop\n"
+    path = write(tmp_path / "q.csv", head + "q1,What?,a,b,c,d,0\nq2,Which?,a,b, ,d,1\n")
+    msg = error_of(load_labeled, path, task="mcqa", drop_empty=True)
+    assert msg.endswith("q.csv: data row 2, column 'opc': empty option (every question needs four)")
+    jsonl = write(tmp_path / "q.jsonl", '{"question": "What?", "opa": "a", "opb": "b", '
+                  '"opc": "c", "opd": null, "cop": 0}\n')
+    assert "line 1, column 'opd': empty option" in error_of(load_labeled, jsonl, task="mcqa")

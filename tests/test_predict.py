@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_LABELS, TINY_NOTES
 from medtune.config import PredictConfig
 from medtune.errors import DataError, MedtuneError
-from medtune.generate import decode_new_tokens, snap_to_label
+from medtune.generate import decode_new_tokens, generation_rows, snap_to_label
 from medtune.predict import Predictor, per_row_generate_baseline, predict_file, resolve_task
 from medtune.scoring import score_labels, score_naive
 
@@ -440,9 +440,42 @@ def test_a_plain_bases_labels_file_must_suit_the_task(tiny_base, tmp_path, capsy
     with pytest.raises(MedtuneError, match=r"protocols.json: --task mcqa answers with the "
                                            r"letters A, B, C, D, but this labels file lists"):
         Predictor.from_path(str(tiny_base), labels=str(protocols), task="mcqa")
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps(["A", "B", "C"]))
+    with pytest.raises(MedtuneError, match=r"three.json: .* lists only A, B, C \(the others"):
+        Predictor.from_path(str(tiny_base), labels=str(three), task="mcqa")
     letters = tmp_path / "letters.json"
     letters.write_text(json.dumps(["A", "B", "C", "D"]))
     assert Predictor.from_path(str(tiny_base), labels=str(letters), task="mcqa").labels[0] == "A"
+    # multiple choice needs no labels file: the letters are known
+    assert Predictor.from_path(str(tiny_base), task="mcqa").labels == ["A", "B", "C", "D"]
     assert "warning" not in capsys.readouterr().err
     Predictor.from_path(str(tiny_base), labels=str(letters), task="protocol")
     assert "letters.json: the labels are option letters (A, B, C, D)" in capsys.readouterr().err
+
+
+def test_an_empty_generated_answer_abstains_even_when_snapped():
+    rows = generation_rows(["CT Head", "", "ct head "], TINY_LABELS, snap=True)
+    assert [r["abstained"] for r in rows] == [False, True, False]
+    assert rows[2]["prediction"] == "CT Head" and rows[2]["snapped"]
+    assert [r["abstained"] for r in generation_rows([" "], TINY_LABELS, snap=False)] == [True]
+
+
+def test_mcqa_predict_abstains_on_a_blank_question_and_refuses_a_blank_option(tiny_base,
+                                                                              tmp_path):
+    mcqa = Predictor.from_path(str(tiny_base), task="mcqa")
+    head = "id,question,opa,opb,opc,opd\n"
+    data = tmp_path / "q.csv"
+    data.write_text(head + "q1,Which nerve?,Ulnar,Radial,Median,Axillary\nq2, ,,,,\n")
+    predict_file(mcqa, str(data), str(tmp_path / "out.csv"), mcqa.cfg, task="mcqa",
+                 progress=False)
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert out["abstained"].tolist() == [False, True]
+    data.write_text(head + "q1,Which nerve?,Ulnar,Radial,Median,Axillary\nq2,Why?,a,,c,d\n")
+    with pytest.raises(DataError, match=r"q.csv: row 2, column 'opb': empty option"):
+        predict_file(mcqa, str(data), str(tmp_path / "out2.csv"), mcqa.cfg, task="mcqa",
+                     progress=False)
+    assert not (tmp_path / "out2.csv").exists()
+    with pytest.raises(MedtuneError, match="--cop-base must be 0 or 1, got 2"):
+        predict_file(mcqa, str(data), str(tmp_path / "out3.csv"), mcqa.cfg, task="mcqa",
+                     cop_base=2, progress=False)

@@ -25,6 +25,7 @@ from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
 from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
 TASKS = ("protocol", "mcqa")
+MCQA_SHAPE = ("question", *OPTION_COLUMNS)  # the columns that make a file multiple choice
 MCQA_COLUMNS = ["id", "question", *OPTION_COLUMNS, "cop", "subject_name", "choice_type", "exp"]
 
 
@@ -68,7 +69,8 @@ def _find_column(df: pd.DataFrame, path: str | Path, role: str, explicit: str | 
             return by_lower[name]
     if required:
         hint = {"text": "set --text-column", "question": "set --text-column",
-                "label": "set --label-column"}.get(role, f"name the column '{role}'")
+                "label": "set --label-column", "cop": "set --label-column"
+                }.get(role, f"name the column '{role}'")
         if role in ("text", "label") and {"question", "opa", "cop"} <= set(by_lower):
             hint = "a MedMCQA file (question, opa-opd, cop): pass --task mcqa"
         raise DataError(f"{path}: no {role} column (looked for {', '.join(candidates)}); "
@@ -179,11 +181,21 @@ def _parse_cop(value: str, row: str, path: str | Path, column: str, cop_base: in
                         f"option index ({cop_base}-{cop_base + 3}) or letter A-D") from None
     index = int(number) - cop_base
     if not 0 <= index <= 3:
-        hint = " (1-based answers? pass --cop-base 1 to data split or predict)" \
+        hint = " (1-based answers? pass --cop-base 1, or set data.cop_base=1)" \
             if cop_base == 0 and number == 4 else ""
         raise DataError(f"{path}: {row}, column '{column}': answer {value} out of "
                         f"range {cop_base}-{cop_base + 3}{hint}")
     return index
+
+
+def refuse_blank_options(df: pd.DataFrame, path: str | Path, source: dict[str, str | None],
+                         places: list[str]) -> None:
+    """One error for the first blank option (A-D) of a question: the model would read "C. "."""
+    for name in OPTION_COLUMNS:
+        blank = (df[name].astype(str).str.strip() == "").to_numpy().nonzero()[0]
+        if len(blank):
+            raise DataError(f"{path}: {places[blank[0]]}, column '{shown(str(source[name]))}': "
+                            "empty option (every question needs four)")
 
 
 def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
@@ -208,6 +220,7 @@ def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
     if source["cop"] and require_labels:
         checks["cop"] = source["cop"]
     out = _handle_empty(out, path, checks, drop_empty)
+    refuse_blank_options(out, path, source, out.attrs["places"])
     attrs = out.attrs
     cop_col = source["cop"] or "cop"
     out["cop"] = [_parse_cop(v, row, path, cop_col, cop_base) if v.strip() else -1
@@ -233,6 +246,10 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
     if task == "mcqa":
         return _load_mcqa(df, path, text_column, label_column, require_labels, drop_empty,
                           cop_base)
+    if text_column is None and set(MCQA_SHAPE) <= {str(c).lower() for c in df.columns}:
+        raise DataError(f"{path}: a MedMCQA file (question, opa-opd columns) read as protocol "
+                        "notes: pass --task mcqa (or data.task=mcqa), or --text-column to "
+                        "read one column as notes")
     text = _find_column(df, path, "text", text_column, TEXT_COLUMNS, True)
     label = _find_column(df, path, "label", label_column, LABEL_COLUMNS, require_labels)
     if text == label:

@@ -87,12 +87,14 @@ def snap_to_label(text: str, labels: Sequence[str]) -> str:
 
 
 def generation_rows(raw: Sequence[str], labels: Sequence[str], snap: bool) -> list[dict[str, Any]]:
-    """Prediction rows for raw generated answers (confidence is undefined: NaN)."""
+    """Prediction rows for raw generated answers (confidence is undefined: NaN). An empty
+    answer abstains (snapping it would pick a label the model never said)."""
     allowed = set(labels)
     rows = []
     for text in raw:
         inside = text in allowed
-        row: dict[str, Any] = {"prediction": text, "confidence": float("nan"), "abstained": False,
+        row: dict[str, Any] = {"prediction": text, "confidence": float("nan"),
+                               "abstained": not text.strip(),
                                "top_k": [], "raw_output": text, "in_label_set": inside}
         if snap:
             row["prediction"] = text if inside else snap_to_label(text, labels)

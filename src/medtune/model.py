@@ -274,11 +274,12 @@ def _check_task_labels(task: str, labels: list[str], source: Path) -> None:
     from medtune.tasks.mcqa import LETTERS
 
     letters = set(labels) <= set(LETTERS)
-    if task == "mcqa" and not letters:
-        odd = next(lab for lab in labels if lab not in LETTERS)
+    if task == "mcqa" and set(labels) != set(LETTERS):
+        odd = next((lab for lab in labels if lab not in LETTERS), None)
+        found = f"lists '{odd[:60]}' (a protocol labels file? use --task protocol)" if odd \
+            else f"lists only {', '.join(labels)} (the others could never be answered)"
         raise MedtuneError(f"{source}: --task mcqa answers with the letters "
-                           f"{', '.join(LETTERS)}, but this labels file lists '{odd[:60]}' "
-                           "(a protocol labels file? use --task protocol)")
+                           f"{', '.join(LETTERS)}, but this labels file {found}")
     if task == "protocol" and letters:
         print(f"warning: {source}: the labels are option letters ({', '.join(labels)}): for "
               "multiple-choice questions pass --task mcqa", file=sys.stderr)
@@ -317,12 +318,18 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
         if not (path / "config.json").is_file():
             raise MedtuneError(f"{path}: not a model directory (expected a medtune run, a merged "
                                "model or a Hugging Face model directory with config.json)")
-        if labels is None and not (path / "labels.json").is_file():
+        own = path / "labels.json"
+        if labels is None and not own.is_file() and task != "mcqa":
             raise MedtuneError(f"{path}: plain base model: pass --labels labels.json for zero-shot")
         tokenizer = load_tokenizer(path)
         model = load_base_model(str(path), cfg, tokenizer, quantization=quantization or "none")
-        label_list = load_labels(labels or path)
-        _check_task_labels(task, label_list, Path(labels) if labels else path / "labels.json")
+        if labels is None and not own.is_file():  # multiple choice: always the four letters
+            from medtune.tasks.mcqa import LETTERS
+
+            label_list = list(LETTERS)
+        else:
+            label_list = load_labels(labels or path)
+            _check_task_labels(task, label_list, Path(labels) if labels else own)
         template = default_template(task, tokenizer, label_list)
         if task == "protocol":
             template.labels_in_prompt = True  # zero-shot: the model must see the choices

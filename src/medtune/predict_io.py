@@ -175,13 +175,15 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     """Stream ``data`` as Chunks. Columns are found (and checked) on the first chunk, so a bad
     file fails before any model is loaded. Ids: the ``id`` column, else the row number from 0
     (as ``data.load_labeled``)."""
-    from medtune.data import TASKS, _find_column, _parse_cop
+    from medtune.data import TASKS, _find_column, _parse_cop, refuse_blank_options
     from medtune.tables import refuse_nested, shown
     from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
     from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}' (expected one of: {', '.join(TASKS)})")
+    if cop_base not in (0, 1):
+        raise ConfigError(f"--cop-base must be 0 or 1, got {cop_base}")
     path = Path(data)
     raw, total = _raw_chunks(path, chunk_rows)
     first = next(raw, None)
@@ -220,6 +222,11 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
                 ids = [str(offset + i) for i in range(n)]
             if task == "mcqa":
                 cols = df[[text, *options]].set_axis(["question", *OPTION_COLUMNS], axis=1)
+                # a blank question is answered but abstains; a blank option is an error
+                at = (cols["question"].astype(str).str.strip() != "").to_numpy().nonzero()[0]
+                refuse_blank_options(cols.iloc[at], path,
+                                     dict(zip(OPTION_COLUMNS, options, strict=True)),
+                                     [f"row {offset + int(i) + 1}" for i in at])
                 texts = [format_question(r) for r in cols.to_dict("records")]
                 gold = None if not label else [
                     LETTERS[_parse_cop(v, f"row {offset + i + 1}", path, label, cop_base)]

@@ -12,7 +12,10 @@ OPTION_COLUMNS = ["opa", "opb", "opc", "opd"]
 
 
 def format_question(record: dict[str, Any]) -> str:
-    """The text the model sees: the question, then the four lettered options."""
+    """The text the model sees: the question, then the four lettered options ("" for a blank
+    question, which is answered but flagged abstained, as a blank note is)."""
+    if not str(record["question"]).strip():
+        return ""
     lines = [str(record["question"]).strip()]
     for letter, col in zip(LETTERS, OPTION_COLUMNS, strict=True):
         lines.append(f"{letter}. {str(record[col]).strip()}")
