@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -216,3 +217,44 @@ def test_verbs_reading_labelled_files_take_the_options_their_column_errors_name(
     out = medtune(*verb, "--help")
     assert out.returncode == 0
     assert "--text-column" in out.stdout and "--label-column" in out.stdout
+
+
+def _one_based_mcqa(path: Path, n: int = 12) -> Path:
+    rows = [{"id": f"q{i}", "question": f"Which nerve is injured in case {i}?", "opa": "Ulnar",
+             "opb": "Radial", "opc": "Median", "opd": "Axillary", "cop": 1 + i % 4}
+            for i in range(n)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_mcqa_options_on_train_inspect_and_evaluate(tiny_base, tmp_path):
+    data = _one_based_mcqa(tmp_path / "q.csv")
+    out = medtune("data", "inspect", str(data), "--task", "mcqa")  # 4 is out of 0-3
+    assert out.returncode == 2 and "pass --cop-base 1, or set data.cop_base=1" in out.stderr
+    assert medtune("data", "inspect", str(data), "--task", "mcqa", "--cop-base", "1",
+                   "--json").returncode == 0
+    out = medtune("data", "inspect", str(data), "--task", "mcqa", "--cop-base", "2")
+    assert out.returncode == 2 and "--cop-base" in out.stderr and "Traceback" not in out.stderr
+    # as protocol notes, the MCQA file is refused with the way out
+    out = medtune("train", "--data", str(data), "--output", str(tmp_path / "p"), "--base",
+                  str(tiny_base))
+    assert out.returncode == 2 and "read as protocol notes: pass --task mcqa" in out.stderr
+    run = tmp_path / "run"
+    out = medtune("train", "--data", str(data), "--output", str(run), "--base", str(tiny_base),
+                  "--task", "mcqa", "--cop-base", "1", "model.quantization=none",
+                  "train.batch_size=4", "train.max_steps=1", "data.val_fraction=0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    meta = json.loads((run / "medtune.json").read_text())
+    assert meta["task"] == "mcqa" and meta["config"]["data"]["cop_base"] == 1
+    out = medtune("evaluate", "--model", str(run), "--data", str(data), "-o",
+                  str(tmp_path / "eval"), "--cop-base", "1", "--no-similarity")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["accuracy"] >= 0
+
+
+@pytest.mark.parametrize("option", [["--label-noise", "0.5"], ["--imbalance", "3"]])
+def test_synth_mcqa_refuses_the_protocol_only_options(tmp_path, option):
+    out = medtune("data", "synth", "--task", "mcqa", *option, "-o", str(tmp_path / "q.csv"))
+    assert out.returncode == 2 and out.stderr.strip().startswith(
+        "error: --imbalance and --label-noise shape protocol notes")
+    assert not (tmp_path / "q.csv").exists()

@@ -142,7 +142,9 @@ def test_mcqa_by_subject_and_difficulty(tiny_base, tmp_path, capsys):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "by_difficulty" in md and "TF-IDF baseline skipped" in md
     # the user asked for it: the console says it was skipped, not only report.md
-    assert "warning: --baseline tfidf skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: --baseline tfidf skipped" in err
+    assert "evaluate [1] fine-tuned model mcqa on 12 questions" in err
     assert [r["model"] for r in m["comparison"]] == ["fine-tuned",
                                                      f"base (zero-shot): {tiny_base.name}"]
 
@@ -219,10 +221,38 @@ def test_model_card_finds_the_data_card_from_another_directory(tmp_path, monkeyp
         "kind": "run", "data": "data/train.csv", "train_rows": 10,
         "data_resolved": str(data_dir / "train.csv")}))
     monkeypatch.chdir(tmp_path)  # "data/train.csv" does not exist from here
-    card = model_card(str(model), "test.csv", {"task": "protocol", "n": 4}, ["A", "B"],
-                      {"quantization": "none", "params": 10, "bits_per_param": 32.0})
+    measured = {"quantization": "none", "params": 10, "bits_per_param": 32.0}
+    card = model_card(str(model), str(data_dir / "test.csv"), {"task": "protocol", "n": 4},
+                      ["A", "B"], measured)
     assert card["leakage"] == "0 normalized texts shared between splits (data card)"
     assert card["training_data"] == "data/train.csv (10 rows)"
+    # a test file from elsewhere: the data card says nothing about it
+    card = model_card(str(model), "other/test.csv", {"task": "protocol", "n": 4}, ["A", "B"],
+                      measured)
+    assert card["leakage"].startswith("not checked")
+
+
+def test_leakage_is_checked_against_the_runs_recorded_training_file(merged_dir, splits,
+                                                                     tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(merged_dir, model)
+    test = pd.read_csv(splits / "test.csv")
+    trained_on = tmp_path / "somewhere" / "raw.csv"
+    trained_on.parent.mkdir()
+    test.head(3).to_csv(trained_on, index=False)  # 3 test notes were training notes
+    meta = json.loads((model / "medtune.json").read_text())
+    (model / "medtune.json").write_text(json.dumps({**meta, "data_resolved": str(trained_on)}))
+    elsewhere = tmp_path / "eval"
+    elsewhere.mkdir()
+    test.to_csv(elsewhere / "hand.csv", index=False)  # no train.csv next to it
+    m = evaluate(str(model), str(elsewhere / "hand.csv"), str(tmp_path / "r"), isolate=False,
+                 similarity=False, progress=False)
+    assert m["leakage"]["test_rows_also_in_train"] == 3
+    assert m["leakage"]["train_file"] == str(trained_on)
+    assert f"warning: 3 of {len(test)} test texts also occur in {trained_on}" in \
+        capsys.readouterr().err
 
 
 def test_columns_named_by_the_user_are_read_from_the_test_and_training_files(merged_dir, splits,

@@ -529,3 +529,19 @@ def test_a_relative_base_is_recorded_absolute_so_the_run_loads_from_anywhere(
     monkeypatch.chdir(tmp_path)  # where the base's relative name means nothing
     assert Predictor.from_path(str(run)).predict_texts(["chest pain"])[0]["prediction"] in (
         "CT Head", "L-Spine")
+
+
+def test_rows_with_a_blank_text_or_label_are_skipped_with_a_counted_warning(
+        tiny_base, two_label_data, tmp_path, capsys):
+    df = pd.read_csv(two_label_data)
+    df.loc[0, "text"] = " "
+    df.loc[[1, 2], "label"] = ""
+    data = tmp_path / "gaps.csv"
+    df.to_csv(data, index=False)
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=1",
+                   "data.val_fraction=0")
+    run = train(cfg, str(data), tmp_path / "run", progress=False)
+    assert json.loads((run / "medtune.json").read_text())["train_rows"] == len(df) - 3
+    err = capsys.readouterr().err
+    assert (f"warning: {data}: 3 of {len(df)} rows skipped (1 with an empty 'text', 2 with an "
+            "empty 'label')") in err

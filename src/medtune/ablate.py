@@ -95,7 +95,7 @@ def _resolve_base(cfg: Config, data: str, labels: list[str], progress: bool) -> 
     from medtune.data import load_labeled
 
     texts = list(load_labeled(data, task=cfg.data.task, drop_empty=True,
-                              text_column=cfg.data.text_column)["text"])
+                              text_column=cfg.data.text_column, cop_base=cfg.data.cop_base)["text"])
     return str(build_base(texts, extra_vocab_texts=labels, progress=progress))
 
 
@@ -170,9 +170,11 @@ def ablate(data: str, output: str, *, val: str | None = None, test: str | None =
     test_path = _test_file(data, test)
     task = cfg.data.task
     text_column, label_column = cfg.data.text_column, cfg.data.label_column
-    test_df = load_labeled(test_path, task=task, text_column=text_column, label_column=label_column)
+    test_df = load_labeled(test_path, task=task, text_column=text_column, label_column=label_column,
+                           cop_base=cfg.data.cop_base)
     texts, gold = list(test_df["text"]), list(test_df["label"])
-    train_df = load_labeled(data, task=task, drop_empty=True, text_column=text_column, label_column=label_column)
+    train_df = load_labeled(data, task=task, drop_empty=True, text_column=text_column,
+                            label_column=label_column, cop_base=cfg.data.cop_base)
     train_labels = sorted(set(train_df["label"]))
     labels = ["A", "B", "C", "D"] if task == "mcqa" else train_labels
     check_output_dir(output, overwrite, inputs=[data, val, test_path, cfg.model.base])  # before training

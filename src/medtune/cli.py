@@ -15,10 +15,13 @@ from medtune.cli_bench import bench_app
 from medtune.cli_data import data_app
 from medtune.cli_options import (
     ConfigOpt,
+    CopBase,
     LabelCol,
     Overrides,
     Overwrite,
     PredictOverrides,
+    Task,
+    TaskOrConfig,
     TextCol,
     print_json,
 )
@@ -71,6 +74,7 @@ def base_build(
     data: Annotated[Path, typer.Option(help="Notes to train tokenizer and model on.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory (default: cache).")] = None,
     text_column: TextCol = None,
+    task: Task = "protocol",
     steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     overwrite: Overwrite = False,
@@ -79,7 +83,8 @@ def base_build(
     from medtune.base import BaseSpec, build_base
     from medtune.data import load_labeled
 
-    df = load_labeled(data, text_column=text_column, require_labels=False, drop_empty=True)
+    df = load_labeled(data, task=task, text_column=text_column, require_labels=False,
+                      drop_empty=True)
     # label names join the pretraining corpus as phrases, as `medtune train` does for its cached base
     labels = sorted(set(df["label"].dropna())) if "label" in df.columns else None
     path = build_base(list(df["text"]), output, BaseSpec(steps=steps, seed=seed), overwrite=overwrite,
@@ -87,11 +92,13 @@ def base_build(
     print(path)
 
 
-def _set_columns(cfg, text_column: str | None, label_column: str | None) -> None:
-    """--text-column / --label-column onto data.text_column / data.label_column."""
+def _set_data(cfg, text_column: str | None, label_column: str | None, task: str | None = None,
+              cop_base: int | None = None) -> None:
+    """--text-column, --label-column, --task, --cop-base onto the config's data.* keys."""
     from medtune.config import set_key
 
-    for key, value in (("text_column", text_column), ("label_column", label_column)):
+    for key, value in (("text_column", text_column), ("label_column", label_column),
+                       ("task", task), ("cop_base", cop_base)):
         if value is not None:
             set_key(cfg, f"data.{key}", value, "--" + key.replace("_", "-"))
 
@@ -108,6 +115,8 @@ def train_cmd(
     track: Annotated[bool, typer.Option("--track", help="Log to MLflow.")] = False,
     text_column: TextCol = None,
     label_column: LabelCol = None,
+    task: TaskOrConfig = None,
+    cop_base: CopBase = None,
     overwrite: Overwrite = False,
 ) -> None:
     """QLoRA (or LoRA / full) fine-tuning with answer-only loss, checkpoints and resume."""
@@ -119,7 +128,7 @@ def train_cmd(
     cfg = load_config(config, overrides)
     if base:
         cfg.model.base = base
-    _set_columns(cfg, text_column, label_column)
+    _set_data(cfg, text_column, label_column, task, cop_base)
     callbacks = []
     rank = int(os.environ.get("RANK", 0))
     if track and rank == 0:  # one MLflow run per job: only rank 0 logs (and ends it)
@@ -190,7 +199,7 @@ def predict_cmd(
     snap: Annotated[bool, typer.Option("--snap", help="Generate mode: map outputs to the nearest label.")] = False,
     keep_text: Annotated[bool, typer.Option("--keep-text", help="Copy note text into the output.")] = False,
     engine: Annotated[str, typer.Option(help="local or spark.")] = "local",
-    cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
+    cop_base: CopBase = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Label-constrained prediction with confidence and abstention (or free generation)."""
@@ -222,7 +231,7 @@ def predict_cmd(
         engine=engine,
         overwrite=overwrite,
         snap=snap,
-        cop_base=cop_base,
+        cop_base=cfg.data.cop_base if cop_base is None else cop_base,
         model_cfg=cfg.model,
     )
     print_json(summary)
@@ -254,6 +263,7 @@ def evaluate_cmd(
              "layers): auto (bfloat16 for constrained mode on a CPU with native bf16 matmul), "
              "float32, bfloat16.")] = "auto",
     no_similarity: Annotated[bool, typer.Option("--no-similarity", help="Skip semantic similarity.")] = False,
+    cop_base: CopBase = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Metrics, calibration, before/after table and a self-contained HTML report."""
@@ -274,6 +284,7 @@ def evaluate_cmd(
         similarity=not no_similarity,
         text_column=text_column,
         label_column=label_column,
+        cop_base=cop_base or 0,
     )
     keys = ["accuracy", "macro_f1", "weighted_f1", "ece", "semantic_similarity", "outside_label_set"]
     keys += ["abstained"] * (min_confidence > 0)  # rows below the threshold (still scored)
@@ -306,6 +317,7 @@ def ablate_cmd(
     quantizations: Annotated[str, typer.Option(help="Comma list of none, 8bit, nf4.")] = "none,8bit,nf4",
     adaptations: Annotated[str, typer.Option(help="Comma list of zero-shot, lora, full.")] = "zero-shot,lora,full",
     text_column: TextCol = None, label_column: LabelCol = None,
+    task: TaskOrConfig = None, cop_base: CopBase = None,
     config: ConfigOpt = None, overrides: Overrides = None, overwrite: Overwrite = False,
 ) -> None:
     """Quantization x adaptation grid with one budget: accuracy, F1, size, memory, latency, train time."""
@@ -313,7 +325,7 @@ def ablate_cmd(
     from medtune.config import load_config
 
     cfg = load_config(config, overrides)
-    _set_columns(cfg, text_column, label_column)
+    _set_data(cfg, text_column, label_column, task, cop_base)
     rows = ablate(str(data), str(output), val=str(val) if val else None, test=str(test) if test else None,
                   base=base, steps=steps, quantizations=[q for q in quantizations.split(",") if q],
                   adaptations=[a for a in adaptations.split(",") if a], overwrite=overwrite,

@@ -11,6 +11,7 @@ import typer
 
 from medtune.cli_options import (
     ConfigOpt,
+    CopBase,
     LabelCol,
     Overrides,
     Overwrite,
@@ -30,6 +31,7 @@ def data_inspect(
     task: Task = "protocol",
     text_column: TextCol = None,
     label_column: LabelCol = None,
+    cop_base: CopBase = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir for token lengths.")] = None,
     show_examples: Annotated[bool, typer.Option("--show-examples", help="Print example notes (may hold PHI).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -43,7 +45,8 @@ def data_inspect(
 
         tok = load_tokenizer(tokenizer)
     summary = inspect_data(file, against=against, task=task, text_column=text_column,
-                           label_column=label_column, tokenizer=tok, show_examples=show_examples)
+                           label_column=label_column, tokenizer=tok, show_examples=show_examples,
+                           cop_base=cop_base or 0)
     print_json(summary) if as_json else render_inspect(summary)
 
 
@@ -59,7 +62,7 @@ def data_split(
     min_count: Annotated[int | None, typer.Option(
         help="Protocol task: drop labels rarer than this (default: data.min_count, 50).")] = None,
     seed: Annotated[int | None, typer.Option(help="Split seed.")] = None,
-    cop_base: Annotated[int, typer.Option(help="MCQA: 1 if cop is 1-4.")] = 0,
+    cop_base: CopBase = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Clean, dedup, filter rare labels and split into train/val/test (leakage-free)."""
@@ -73,12 +76,15 @@ def data_split(
         ("label_column", label_column),
         ("min_count", min_count),
         ("seed", seed),
+        ("cop_base", cop_base),
     ):
         if value is not None:
             set_key(cfg, f"data.{key}", value, "--" + key.replace("_", "-"))  # checked like data.{key}
-    card = split_data(file, output, cfg.data, overwrite=overwrite, cop_base=cop_base)
+    card = split_data(file, output, cfg.data, overwrite=overwrite)
     sizes = card.get("splits", card.get("split_sizes", {}))
-    print(f"wrote {output}: {sizes}; labels kept: {len(card.get('labels_kept', card.get('labels', [])))}")
+    shown = ", ".join(f"{name} {rows}" for name, rows in sizes.items()) \
+        if isinstance(sizes, dict) else sizes
+    print(f"wrote {output}: {shown} rows; labels kept: {len(card.get('labels_kept', card.get('labels', [])))}")
     if card.get("labels_filtered"):
         print(f"warning: min_count={card['min_count']} dropped {len(card['labels_filtered'])} rare "
               f"labels ({card['rows_filtered']} rows); listed in {output / 'data_card.md'}",
@@ -91,12 +97,20 @@ def data_synth(
     n: Annotated[int, typer.Option(help="Rows.")] = 2000,
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV/JSONL/Parquet file.")] = Path("synth.csv"),
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same rows).")] = 0,
-    imbalance: Annotated[float, typer.Option(help="Zipf exponent of class sizes.")] = 1.0,
-    label_noise: Annotated[float, typer.Option(help="Fraction of flipped labels.")] = 0.0,
+    imbalance: Annotated[float | None, typer.Option(
+        help="Protocol notes: Zipf exponent of class sizes (default 1.0).")] = None,
+    label_noise: Annotated[float | None, typer.Option(
+        help="Protocol notes: fraction of flipped labels (default 0).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Generate synthetic protocol notes or MedMCQA-style questions (deterministic per seed)."""
     from medtune.synth import write_synth
+
+    if task == "mcqa" and (imbalance is not None or label_noise is not None):
+        raise ConfigError("--imbalance and --label-noise shape protocol notes; MCQA questions "
+                          "take neither (their answers are spread evenly over A-D)")
+    imbalance = 1.0 if imbalance is None else imbalance
+    label_noise = 0.0 if label_noise is None else label_noise
 
     for flag, value, ok, rule in (("--n", n, n >= 1, ">= 1"), ("--imbalance", imbalance, imbalance >= 0, ">= 0"),
                                   ("--label-noise", label_noise, 0 <= label_noise <= 1, "in [0, 1]")):

@@ -17,6 +17,11 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
 TextCol = Annotated[str | None, typer.Option("--text-column", help="Text column (auto-detected).")]
 LabelCol = Annotated[str | None, typer.Option("--label-column", help="Label column (auto-detected).")]
 Task = Annotated[str, typer.Option("--task", help="protocol or mcqa.")]
+TaskOrConfig = Annotated[str | None, typer.Option(
+    "--task", help="protocol or mcqa (default: data.task of the config, protocol).")]
+CopBase = Annotated[int | None, typer.Option(
+    "--cop-base", help="MCQA: 1 if the answer column counts options 1-4 (default: data.cop_base, "
+                       "0: MedMCQA's 0-3).", min=0, max=1)]
 
 
 def print_json(obj: object) -> None:

@@ -65,6 +65,8 @@ class DataConfig:
     seed: int = _f(0, "Seed for splitting and shuffling.", ge=0, le=2**32 - 1)
     max_field_bytes: int = _f(1_000_000, "Reject any field larger than this many bytes.", ge=1)
     scrub_phi: bool = _f(False, "Replace PHI in notes with typed placeholders before training.")
+    cop_base: int = _f(0, "MCQA: how the answer column counts options: 0 (0-3, as MedMCQA) or 1 "
+                          "(1-4); letters A-D are read either way.", ge=0, le=1)
 
 
 @dataclass

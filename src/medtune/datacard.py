@@ -176,13 +176,13 @@ def _sha256(path: Path) -> str:
 
 
 def split_data(path: str | Path, output: str | Path, cfg: DataConfig, *, overwrite: bool = False,
-               cop_base: int = 0) -> dict[str, Any]:
+               cop_base: int | None = None) -> dict[str, Any]:
     """Clean, dedup, filter and split ``path`` into ``output``; returns the data card."""
     path, output = Path(path), Path(output)
     existed = output.exists()
     prepare_output_dir(output, overwrite, inputs=[path])  # an output holding the input: refused
     try:
-        card, frames = _build(path, cfg, cop_base)
+        card, frames = _build(path, cfg, cfg.cop_base if cop_base is None else cop_base)
         columns = ["id", "text", "label"]
         if cfg.task == "mcqa":
             columns = [*MCQA_COLUMNS, "text", "label"]
@@ -294,7 +294,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- task: {card['task']}; text column `{card['columns']['text']}`, "
         f"label column `{card['columns']['label']}`",
         f"- rows read: {card['rows_read']}",
-        f"- empty rows dropped: {card['empty_dropped']} {card['empty_dropped_by_column']}",
+        f"- empty rows dropped: {card['empty_dropped']}" + (" (" + ", ".join(
+            f"{n} with an empty `{col}`" for col, n in card["empty_dropped_by_column"].items()
+            if n) + ")" if card["empty_dropped"] else ""),
         f"- whitespace: {card['whitespace']}",
         f"- exact duplicate rows: {card['exact_duplicate_rows']}",
         f"- duplicate rows after whitespace/case normalization: "

@@ -86,10 +86,11 @@ def _conflict(a: frozenset[str], b: frozenset[str]) -> bool:
 
 def inspect_data(path: str | Path, *, against: str | Path | None = None, task: str = "protocol",
                  text_column: str | None = None, label_column: str | None = None,
-                 tokenizer: Any = None, show_examples: bool = False) -> dict[str, Any]:
+                 tokenizer: Any = None, show_examples: bool = False,
+                 cop_base: int = 0) -> dict[str, Any]:
     """A JSON-able summary of ``path`` (and of its overlap with ``against``)."""
     df = load_labeled(path, task=task, text_column=text_column, label_column=label_column,
-                      require_labels=False, drop_empty=True)
+                      require_labels=False, drop_empty=True, cop_base=cop_base)
     keys = df["text"].map(normalize_text)
     labelled = df["label"] != ""
     texts = df["text"].tolist()
@@ -110,7 +111,8 @@ def inspect_data(path: str | Path, *, against: str | Path | None = None, task: s
     shared: set[str] = set()
     if against is not None:
         other = load_labeled(against, task=task, text_column=text_column,
-                             label_column=label_column, require_labels=False, drop_empty=True)
+                             label_column=label_column, require_labels=False, drop_empty=True,
+                             cop_base=cop_base)
         other_keys = other["text"].map(normalize_text)
         shared = set(keys) & set(other_keys)
         here = df.groupby(keys)["label"].agg(frozenset)

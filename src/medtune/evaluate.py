@@ -13,25 +13,36 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import PredictConfig
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, first_line
 from medtune.fsutil import atomic_dir, check_output_dir
 from medtune.measure import LATENCY_SAMPLE, measure, measure_isolated, rounded, summary_row
 
 
-def _stages(progress: bool, n: int):
+def _stages(progress: bool, n: int, noun: str = "notes"):
     """``stage(name)``: one stderr line per stage of an evaluation, numbered as they come."""
     count = [0]
 
     def stage(name: str) -> None:
         count[0] += 1
         if progress:
-            print(f"evaluate [{count[0]}] {name} on {n} notes", file=sys.stderr, flush=True)
+            print(f"evaluate [{count[0]}] {name} on {n} {noun}", file=sys.stderr, flush=True)
     return stage
 
 
 def _sibling_train(data: str) -> str | None:
     cand = Path(data).with_name("train.csv")
     return str(cand) if cand.is_file() and cand.resolve() != Path(data).resolve() else None
+
+
+def _run_train_file(model: str, data: str) -> str | None:
+    """The training file a medtune run recorded (medtune.json), if it is still there."""
+    meta_path = Path(model) / "medtune.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    cand = Path(str(meta.get("data_resolved") or meta.get("data") or ""))
+    ok = cand.is_file() and cand.resolve() != Path(data).resolve()
+    return str(cand) if ok else None
 
 
 def _option_texts(df, letters: list[str]) -> list[str]:
@@ -44,13 +55,14 @@ def _option_texts(df, letters: list[str]) -> list[str]:
 
 
 def _leakage(train_path: str | None, texts: list[str], task: str, *, text_column: str | None,
-             label_column: str | None) -> dict[str, Any] | None:
+             label_column: str | None, cop_base: int) -> dict[str, Any] | None:
     """How many test texts also occur (normalized) in the training file."""
     if not train_path or not Path(train_path).is_file():
         return None
     from medtune.data import load_labeled, normalize_text
 
-    train_df = load_labeled(train_path, task=task, text_column=text_column, label_column=label_column)
+    train_df = load_labeled(train_path, task=task, text_column=text_column,
+                            label_column=label_column, cop_base=cop_base)
     train = {normalize_text(t) for t in train_df["text"]}
     shared = sum(normalize_text(t) in train for t in texts)
     return {"train_file": str(train_path), "train_rows": len(train_df),
@@ -72,7 +84,8 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
              train_data: str | None = None, task: str | None = None, labels: str | None = None,
              cfg: PredictConfig | None = None, overwrite: bool = False,
              similarity: bool = True, isolate: bool = True, text_column: str | None = None,
-             label_column: str | None = None, progress: bool = True) -> dict[str, Any]:
+             label_column: str | None = None, progress: bool = True,
+             cop_base: int = 0) -> dict[str, Any]:
     """Evaluate ``model`` on labelled ``data`` into the directory ``output`` (metrics.json,
     comparison.json, report.md, report.html, plots), written atomically.
 
@@ -91,7 +104,8 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     baseline = list(baseline or [])
     train_path = train_data or _sibling_train(data)
     _check_baselines(baseline, train_path, task)
-    df = load_labeled(data, task=task, text_column=text_column, label_column=label_column)
+    df = load_labeled(data, task=task, text_column=text_column, label_column=label_column,
+                      cop_base=cop_base)
     texts, gold = list(df["text"]), list(df["label"])
     known = Path(labels or Path(model) / "labels.json")
     if task == "protocol" and known.exists():  # gold the model cannot predict: warn, or refuse
@@ -99,7 +113,7 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     # fail before any model is loaded; never replace what this command reads
     check_output_dir(output, overwrite, inputs=[model, data, train_path, labels, *baseline])
     run = measure_isolated if isolate else measure
-    stage = _stages(progress, len(texts))
+    stage = _stages(progress, len(texts), "questions" if task == "mcqa" else "notes")
     stage(f"fine-tuned model {Path(model).name}")
     main = run(model=model, texts=texts, labels=labels, task=task, cfg=cfg)
     preds = [r["prediction"] for r in main["rows"]]
@@ -162,10 +176,21 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
             if row is comparison[0]:
                 metrics["semantic_similarity"] = sim["mean"]
                 metrics["semantic_similarity_model"] = sim["model"]
-    leak = _leakage(train_path, texts, task, text_column=text_column, label_column=label_column)
+    leak = _leakage(train_path, texts, task, text_column=text_column, label_column=label_column,
+                    cop_base=cop_base)
+    if leak is None and (recorded := _run_train_file(model, data)):
+        try:  # the run's own training file, read as the test file is: best effort
+            leak = _leakage(recorded, texts, task, text_column=text_column,
+                            label_column=label_column, cop_base=cop_base)
+        except MedtuneError as exc:
+            notes.append(f"Leakage not checked: the run's training file {recorded} could not "
+                         f"be read as the test file is ({first_line(exc)}).")
     if leak is not None:
         metrics["leakage"] = leak
         if leak["test_rows_also_in_train"]:
+            print(f"warning: {leak['test_rows_also_in_train']} of {leak['test_rows']} test texts "
+                  f"also occur in {leak['train_file']}: the figures are optimistic",
+                  file=sys.stderr)
             notes.append(f"LEAKAGE: {leak['test_rows_also_in_train']} of {leak['test_rows']} "
                          f"test texts also occur in {leak['train_file']} (normalized): the "
                          "figures above are optimistic.")
@@ -230,7 +255,8 @@ def model_card(model: str, data: str, metrics: dict[str, Any], labels: list[str]
     if leak is not None:
         leakage = (f"{leak['test_rows_also_in_train']} of {leak['test_rows']} test texts also "
                    f"in the training file (whitespace/case normalized)")
-    elif card:
+    elif card and card_path.parent.resolve() == Path(data).resolve().parent:
+        # the card speaks for its own splits only: the evaluated file must be one of them
         leakage = (f"{card.get('leakage_across_splits', '?')} normalized texts shared between "
                    "splits (data card)")
     else:

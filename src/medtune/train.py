@@ -88,11 +88,19 @@ class Setup:
 
 
 def _load_split(path: str, cfg: Config):
+    """The examples of ``path``; rows with a blank text or label are dropped, with a warning
+    that counts them per column (never their content)."""
     from medtune.data import load_labeled
 
-    return load_labeled(path, task=cfg.data.task, text_column=cfg.data.text_column,
-                        label_column=cfg.data.label_column, max_field_bytes=cfg.data.max_field_bytes,
-                        drop_empty=True)
+    df = load_labeled(path, task=cfg.data.task, text_column=cfg.data.text_column,
+                      label_column=cfg.data.label_column, max_field_bytes=cfg.data.max_field_bytes,
+                      drop_empty=True, cop_base=cfg.data.cop_base)
+    dropped = {k: v for k, v in df.attrs.get("dropped_empty_by_column", {}).items() if v}
+    if dropped and int(os.environ.get("RANK", 0)) == 0:
+        where = ", ".join(f"{n} with an empty '{col}'" for col, n in dropped.items())
+        print(f"warning: {path}: {df.attrs['dropped_empty']} of {df.attrs['rows_read']} rows "
+              f"skipped ({where})", file=sys.stderr)
+    return df
 
 
 def _split_val(df, cfg: Config):
