@@ -370,10 +370,10 @@ def test_failing_split_leaves_no_files(tmp_path):
     bad = write(tmp_path / "bad.csv", "text,label\na,A\nb,B,C\n")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"data row 2 \(line 3\): expected 2 fields, got 3"):
         split_data(bad, empty_dir, cfg())
     assert list(empty_dir.iterdir()) == []
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="expected 2 fields"):
         split_data(bad, tmp_path / "new", cfg())
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "empty"]
@@ -577,3 +577,13 @@ def test_a_blank_mcqa_option_is_an_error_naming_row_and_column(tmp_path):
     jsonl = write(tmp_path / "q.jsonl", '{"question": "What?", "opa": "a", "opb": "b", '
                   '"opc": "c", "opd": null, "cop": 0}\n')
     assert "line 1, column 'opd': empty option" in error_of(load_labeled, jsonl, task="mcqa")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_label_with_one_row_keeps_it_in_train(tmp_path, seed):
+    df = pd.concat([notes_frame(per_label=1, labels=["Rare XR"]),
+                    notes_frame(per_label=3, labels=["Common CT"])], ignore_index=True)
+    path = notes_csv(tmp_path, df)
+    card = split_data(path, tmp_path / "s", cfg(seed=seed, val_fraction=0.0, test_fraction=0.5))
+    assert card["split_sizes"]["test"] == 2
+    assert "Rare XR" in set(pd.read_csv(tmp_path / "s" / "train.csv")["label"])

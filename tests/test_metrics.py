@@ -168,3 +168,23 @@ def test_missing_gold_or_prediction_is_never_correct_nor_a_class():
     m = classification_metrics(["A", None, "B"], ["A", float("nan"), "A"], None, ["A", "B"])
     assert m["accuracy"] == pytest.approx(1 / 3)  # the missing pair was counted as right
     assert m["labels"] == ["A", "B"] and "" not in m["per_class"]
+
+
+def test_weighted_f1_weights_each_label_by_its_gold_support():
+    m = classification_metrics(["A", "A", "A", "B"], ["A", "A", "B", "B"], None, ["A", "B"])
+    # A: P=1 R=2/3 F1=0.8 (support 3); B: P=1/2 R=1 F1=2/3 (support 1)
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert m["weighted_f1"] == pytest.approx((3 * 0.8 + 2 / 3) / 4)
+
+
+def test_coverage_rounds_the_kept_rows_up():
+    conf = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    m = classification_metrics(["A"] * 7, ["A"] * 7, conf, ["A"])
+    kept = {round(p["coverage"], 2): p["kept"] for p in m["coverage_curve"]}
+    assert kept[0.1] == 1 and kept[0.5] == 4 and kept[0.9] == 7  # ceil(0.7), ceil(3.5), ceil(6.3)
+
+
+def test_a_confidence_on_a_bin_edge_goes_to_the_lower_bin():
+    edge = float(np.linspace(0.0, 1.0, 16)[5])  # 5/15: the top of bin 4 (edges[b] < c <= edges[b+1])
+    m = classification_metrics(["A"], ["A"], [edge], ["A"])
+    assert [b["count"] for b in m["reliability"]].index(1) == 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 
 import pandas as pd
 import pytest
@@ -318,7 +317,7 @@ def test_scrub_file_refuses_overwrite_and_leaves_nothing_on_failure(tmp_path, mo
 def test_scrub_file_rejects_same_path_and_bad_extension(tmp_path):
     src = tmp_path / "notes.csv"
     _table().to_csv(src, index=False)
-    with pytest.raises(MedtuneError):
+    with pytest.raises(MedtuneError, match="output must differ from the input file"):
         scrub_file(src, src, overwrite=True)
     with pytest.raises(MedtuneError, match="extension"):
         scrub_file(src, tmp_path / "out.xlsx")
@@ -326,12 +325,12 @@ def test_scrub_file_rejects_same_path_and_bad_extension(tmp_path):
 
 
 @pytest.mark.parametrize("unit", ["1.", "a.b@", "MRN A1-", "1-", "1/", "ab:", "Dr. Aa Bb "])
+@pytest.mark.timeout(120)  # a hang guard, not a speed target: linear scans take ~0.3 s here
 def test_long_adversarial_fields_stay_linear(unit):
     # each of these once took minutes on 30 k characters (backtracking in an unbounded pattern)
     text = unit * (60_000 // len(unit))
-    t0 = time.perf_counter()
-    find_phi(text)
-    assert time.perf_counter() - t0 < 10
+    spans = find_phi(text)
+    assert all(0 <= a < b <= len(text) for a, b, _ in spans)
 
 
 def test_parquet_binary_and_list_columns_are_scrubbed_too(tmp_path):

@@ -89,6 +89,8 @@ def test_abstention_monotone_in_threshold(predictor):
         counts.append(sum(r["abstained"] for r in rows))
     assert counts == sorted(counts)
     assert counts[0] == 0 and counts[-1] == len(texts)
+    # a confidence equal to the threshold is kept: only those strictly below abstain
+    assert counts[1:-1] == [sum(c < t for c in conf) for t in conf]
 
 
 def test_bad_predict_config_rejected(predictor):
@@ -479,3 +481,54 @@ def test_mcqa_predict_abstains_on_a_blank_question_and_refuses_a_blank_option(ti
     with pytest.raises(MedtuneError, match="--cop-base must be 0 or 1, got 2"):
         predict_file(mcqa, str(data), str(tmp_path / "out3.csv"), mcqa.cfg, task="mcqa",
                      cop_base=2, progress=False)
+
+
+def test_a_cut_prompt_leaves_room_for_the_longest_label(predictor, tiny_base):
+    """Training cuts a long note so that prompt + label (+ EOS) fit max_length: scoring must
+    cut at the same place, protocol and MCQA alike."""
+    from medtune.scoring import in_batches, label_rows
+
+    def recorded(seen: list[list[int]]):
+        def run(fn, prompts):
+            seen.extend(prompts)
+            return in_batches(4)(fn, prompts)
+        return run
+
+    long_note = TINY_NOTES[0] + " and" * 60
+    seen: list[list[int]] = []
+    label_rows(predictor.model, predictor.tokenizer, predictor.template, [long_note],
+               predictor.labels, predictor.label_ids, 48, recorded(seen), {})
+    assert len(seen) == 1 and len(seen[0]) + max(map(len, predictor.label_ids)) == 48
+
+    mcqa = Predictor.from_path(str(tiny_base), task="mcqa")
+    question = "Which nerve?" + " word" * 60 + "\nA. Ulnar\nB. Radial\nC. Median\nD. Axillary"
+    seen = []
+    label_rows(mcqa.model, mcqa.tokenizer, mcqa.template, [question], mcqa.labels,
+               mcqa.label_ids, 48, recorded(seen), {})
+    from medtune.tasks.mcqa import choice_ids
+
+    _, choices = choice_ids(mcqa.tokenizer, mcqa.template, question, mcqa.labels)
+    assert len(seen) == 1 and len(seen[0]) + max(map(len, choices)) + 1 == 48  # + EOS
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_order(predictor, monkeypatch):
+    prompts = [[i] * (1 + i % 5) for i in range(9)]
+    seen: list[int] = []
+
+    def fn(batch):
+        seen.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [sum(p) for p in batch]
+
+    monkeypatch.setattr(predictor, "batch_size", 8)
+    assert predictor.batched(fn, prompts) == [sum(p) for p in prompts]
+    assert seen[:3] == [8, 4, 2] and predictor.batch_size == 2  # halved twice, then kept
+
+    def broken(batch):
+        raise RuntimeError("shape mismatch")  # not memory: no retry
+
+    monkeypatch.setattr(predictor, "batch_size", 8)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        predictor.batched(broken, prompts)
+    assert predictor.batch_size == 8

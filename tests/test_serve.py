@@ -85,9 +85,13 @@ def test_routes_need_the_bearer_key(client, method, path):
     response = getattr(client, method)(path, **body)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
-    wrong = getattr(client, method)(path, headers={"Authorization": "Bearer nope"}, **body)
-    assert wrong.status_code == 401
+    for header in ("Bearer nope", "Bearer ", "Bearer", f"Bearer {KEY[:3]}", f"Bearer {KEY}x",
+                   f"Basic {KEY}", KEY, f"bearer{KEY}"):  # prefixes, other schemes, no scheme
+        wrong = getattr(client, method)(path, headers={"Authorization": header}, **body)
+        assert wrong.status_code == 401, header
     assert getattr(client, method)(path, headers=AUTH, **body).status_code == 200
+    lower = getattr(client, method)(path, headers={"Authorization": f"bearer {KEY}"}, **body)
+    assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
 
 
 def test_labels_and_openapi(client):

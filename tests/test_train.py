@@ -545,3 +545,23 @@ def test_rows_with_a_blank_text_or_label_are_skipped_with_a_counted_warning(
     err = capsys.readouterr().err
     assert (f"warning: {data}: 3 of {len(df)} rows skipped (1 with an empty 'text', 2 with an "
             "empty 'label')") in err
+
+
+def test_only_rank_0_saves_the_finished_run(tiny_base, two_label_data, tmp_path, monkeypatch):
+    import dataclasses
+
+    seen = {}
+    real_setup = train_mod.setup
+
+    def spy_setup(*args, **kwargs):
+        seen["setup"] = real_setup(*args, **kwargs)
+        return seen["setup"]
+
+    monkeypatch.setattr(train_mod, "setup", spy_setup)
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=1")
+    train(cfg, two_label_data, tmp_path / "run", progress=False)
+    other = dataclasses.replace(seen["setup"], rank=1, world=2, run_dir=tmp_path / "rank1")
+    other.run_dir.mkdir()
+    assert train_mod.save(other, {"steps": 1}) == other.run_dir
+    assert list(other.run_dir.iterdir()) == []  # rank 1 writes nothing
+    assert (tmp_path / "run" / "medtune.json").is_file()  # rank 0 did
