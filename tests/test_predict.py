@@ -431,7 +431,7 @@ def test_an_out_of_range_mcqa_answer_names_its_row_when_streaming(tmp_path):
     path = tmp_path / "q.csv"
     path.write_text("question,opa,opb,opc,opd,cop\nWhich?,a,b,c,d,1\nWhy?,a,b,c,d,4\n")
     chunks, _ = iter_records(path, task="mcqa")
-    with pytest.raises(MedtuneError, match=r"q\.csv: row 2, column 'cop': answer 4 out of range "
+    with pytest.raises(MedtuneError, match=r"q\.csv: data row 2, column 'cop': answer 4 out of range "
                                            r"0-3 \(1-based answers\? pass --cop-base 1"):
         list(chunks)
 
@@ -474,7 +474,7 @@ def test_mcqa_predict_abstains_on_a_blank_question_and_refuses_a_blank_option(ti
     out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert out["abstained"].tolist() == [False, True]
     data.write_text(head + "q1,Which nerve?,Ulnar,Radial,Median,Axillary\nq2,Why?,a,,c,d\n")
-    with pytest.raises(DataError, match=r"q.csv: row 2, column 'opb': empty option"):
+    with pytest.raises(DataError, match=r"q.csv: data row 2, column 'opb': empty option"):
         predict_file(mcqa, str(data), str(tmp_path / "out2.csv"), mcqa.cfg, task="mcqa",
                      progress=False)
     assert not (tmp_path / "out2.csv").exists()

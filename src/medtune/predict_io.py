@@ -176,7 +176,7 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     file fails before any model is loaded. Ids: the ``id`` column, else the row number from 0
     (as ``data.load_labeled``)."""
     from medtune.data import TASKS, _find_column, _parse_cop, refuse_blank_options
-    from medtune.tables import refuse_nested, shown
+    from medtune.tables import DELIMITED, refuse_nested, shown
     from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
     from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
@@ -202,6 +202,9 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     id_col = _find_column(first, path, "id", None, ["id"], False)
     id_col = None if id_col in {text, label, *options} else id_col
 
+    # rows named as `data` names them: "data row N" (after a CSV's header), else "row N"
+    row = "data row" if path.suffix.lower() in DELIMITED else "row"
+
     def chunks() -> Iterator[Chunk]:
         offset, seen = 0, set()
         for df in itertools.chain([first], raw):
@@ -215,7 +218,7 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
                 for i, v in enumerate(ids):
                     if not v or v in seen:
                         what = "empty" if not v else "duplicate"
-                        raise DataError(f"{path}: row {offset + i + 1}, column '{id_col}': "
+                        raise DataError(f"{path}: {row} {offset + i + 1}, column '{id_col}': "
                                         f"{what} id")
                     seen.add(v)
             else:
@@ -226,10 +229,10 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
                 at = (cols["question"].astype(str).str.strip() != "").to_numpy().nonzero()[0]
                 refuse_blank_options(cols.iloc[at], path,
                                      dict(zip(OPTION_COLUMNS, options, strict=True)),
-                                     [f"row {offset + int(i) + 1}" for i in at])
+                                     [f"{row} {offset + int(i) + 1}" for i in at])
                 texts = [format_question(r) for r in cols.to_dict("records")]
                 gold = None if not label else [
-                    LETTERS[_parse_cop(v, f"row {offset + i + 1}", path, label, cop_base)]
+                    LETTERS[_parse_cop(v, f"{row} {offset + i + 1}", path, label, cop_base)]
                     if str(v).strip() else "" for i, v in enumerate(df[label])]
             else:
                 texts = [str(v) for v in df[text]]
