@@ -366,3 +366,16 @@ def test_nested_json_fields_are_written_to_csv_as_json(tmp_path):
     back = pd.read_csv(tmp_path / "out.csv")
     assert json.loads(back["meta"][0]) == {"site": "north", "codes": [1, 2]}  # was a Python repr
     assert back["text"][0] == "Seen by Dr. [NAME]."
+
+
+def test_scrub_file_mcqa_scrubs_the_question_options_and_explanation(tmp_path):
+    src, out = tmp_path / "q.csv", tmp_path / "out.csv"
+    pd.DataFrame([{"question": "Dr. Alice Wong asks: which nerve?", "opa": "Ulnar",
+                   "opb": "call 555-234-5678", "opc": "Median", "opd": "Axillary", "cop": 0,
+                   "exp": "Seen by Dr. Bob Stone."}]).to_csv(src, index=False)
+    counts = scrub_file(src, out, task="mcqa")
+    assert counts["column"] == "question" and counts["also"] == ["opa", "opb", "opc", "opd", "exp"]
+    row = pd.read_csv(out).iloc[0]
+    assert row["question"] == "Dr. [NAME] asks: which nerve?" and row["opb"] == "call [PHONE]"
+    assert row["exp"] == "Seen by Dr. [NAME]." and row["cop"] == 0
+    assert "not_scrubbed" not in counts

@@ -126,17 +126,20 @@ def data_scrub(
     output: Annotated[Path, typer.Option("--output", "-o")],
     text_column: TextCol = None,
     also: Annotated[str, typer.Option(help="Comma list of more columns to scrub.")] = "",
+    task: Task = "protocol",
     overwrite: Overwrite = False,
 ) -> None:
     """Replace PHI (names, dates, phone, MRN, ...) with typed placeholders like [DATE].
 
-    Scrubs the text column (and --also columns); warns, with counts only, about other columns
+    Scrubs the text column (--task mcqa: the question, options and exp) and --also columns;
+    warns, with counts only, about other columns
     in which PHI-like spans remain."""
     from medtune.scrub import scrub_file
     from medtune.tables import shown
 
     extra = [c.strip() for c in also.split(",") if c.strip()]
-    counts = scrub_file(file, output, text_column=text_column, also=extra, overwrite=overwrite)
+    counts = scrub_file(file, output, text_column=text_column, also=extra, overwrite=overwrite,
+                        task=task)
     print_json(counts)
     left = counts.get("not_scrubbed", {})
     if left:

@@ -110,9 +110,10 @@ def _phi_left(rows: list[dict[str, Any]], skip: list[str]) -> dict[str, int]:
 
 
 def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None = None,
-               also: Sequence[str] = (), overwrite: bool = False) -> dict:
+               also: Sequence[str] = (), overwrite: bool = False, task: str = "protocol") -> dict:
     """Write ``path``'s table to ``output`` with its text column (and the ``also`` columns)
-    scrubbed, atomically. The other columns keep their values and types (numbers, booleans,
+    scrubbed, atomically. ``task="mcqa"``: the question, its four options and ``exp`` (if
+    there is one). The other columns keep their values and types (numbers, booleans,
     nulls, nested JSON), as far as the output format can hold them; those in which PHI-like
     spans remain are counted in ``not_scrubbed`` (column -> spans).
 
@@ -131,6 +132,13 @@ def scrub_file(path: str | Path, output: str | Path, *, text_column: str | None 
     if suffix not in (".csv", ".jsonl", ".parquet", ".pq"):
         raise DataError(f"{output}: unsupported extension (use .csv, .jsonl or .parquet)")
     df = read_table(path)  # checks the file: encoding, shape, field sizes, one-line errors
+    if task == "mcqa":
+        from medtune.tasks.mcqa import OPTION_COLUMNS
+
+        text_column = text_column or "question"
+        also = [*OPTION_COLUMNS, *(["exp"] if "exp" in df.columns else []), *also]
+    elif task != "protocol":
+        raise DataError(f"unknown task '{task}' (protocol, mcqa)")
     columns = _columns_to_scrub(df, path, text_column, also)
     typed = _typed_input(path, df)
     rows = typed if isinstance(typed, list) else typed.to_dict("records")
