@@ -279,3 +279,14 @@ def test_columns_named_by_the_user_are_read_from_the_test_and_training_files(mer
     evaluate(str(merged_dir), str(tmp_path / "test.csv"), str(tmp_path / "r2"), isolate=False,
              similarity=False, text_column="body", label_column="dx", progress=False)
     assert "evaluate [" not in capsys.readouterr().err
+
+
+def test_a_model_that_gives_every_row_the_same_answer_is_called_out():
+    from medtune.evaluate import _collapsed
+
+    gold = ["A", "B", "C", "D"] * 10
+    msg = _collapsed(["C"] * 39 + ["A"], gold)
+    assert msg is not None and msg.startswith("the model answered 'C' for 39 of 40 rows")
+    assert _collapsed(["C"] * 37 + ["A", "B", "D"], gold) is None  # 92 %: spread enough
+    assert _collapsed(["C"] * 12, ["A", "B"] * 6) is None  # too few rows to judge
+    assert _collapsed(["A"] * 40, ["A"] * 40) is None  # one gold label: nothing to tell apart

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from medtune.config import PredictConfig
 from medtune.errors import MedtuneError, first_line
 from medtune.fsutil import atomic_dir, check_output_dir
 from medtune.measure import LATENCY_SAMPLE, measure, measure_isolated, rounded, summary_row
+from medtune.tables import shown
 
 
 def _stages(progress: bool, n: int, noun: str = "notes"):
@@ -32,6 +34,19 @@ def _stages(progress: bool, n: int, noun: str = "notes"):
 def _sibling_train(data: str) -> str | None:
     cand = Path(data).with_name("train.csv")
     return str(cand) if cand.is_file() and cand.resolve() != Path(data).resolve() else None
+
+
+def _collapsed(preds: list[str], gold: list[str]) -> str | None:
+    """A model that gives (nearly) every row the same answer has not learned the task: say so,
+    whatever its accuracy (on a skewed test set, the majority label scores well)."""
+    if len(preds) < 20 or len(set(gold)) < 2:
+        return None
+    label, count = Counter(preds).most_common(1)[0]
+    if count < 0.95 * len(preds):
+        return None
+    return (f"the model answered '{shown(label, 40)}' for {count} of {len(preds)} rows: it has "
+            "not learned to tell them apart (too little training, or a base model too small "
+            "for the task)")
 
 
 def _run_train_file(model: str, data: str) -> str | None:
@@ -127,6 +142,9 @@ def evaluate(model: str, data: str, output: str, *, baseline: list[str] | None =
     comparison = [summary_row("fine-tuned", main, metrics)]
     predictions = [preds]  # per comparison row, for semantic similarity
     notes: list[str] = []
+    if (collapse := _collapsed(preds, gold)) is not None:
+        print(f"warning: {collapse}", file=sys.stderr)
+        notes.append(f"WARNING: {collapse}.")
     base_conf_gold = None
     for entry in baseline:
         if entry == "tfidf":
