@@ -263,3 +263,17 @@ def test_cli_shows_no_mlflow_info_lines_and_registers_no_pickle(tmp_path, merged
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-code/{info['version']}",
                                                      dst_path=str(tmp_path / "dl")))
     assert (local / "registry_model.py").is_file() and not (local / "python_model.pkl").exists()
+
+
+def test_artifacts_go_next_to_the_sqlite_store_not_the_working_directory(tmp_path, merged_dir,
+                                                                          monkeypatch):
+    store_dir, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store_dir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store_dir / 'm.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "medtune-artifacts-test")
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(elsewhere)
+    register(merged_dir, "tiny-where")
+    assert (store_dir / "mlruns").is_dir() and not (elsewhere / "mlruns").exists()
+    assert resolve_model_uri("models:/tiny-where@champion")  # and it loads back from there

@@ -58,9 +58,17 @@ def tracking_uri() -> str:
 
 
 def _setup() -> None:
+    """Point MLflow at ``tracking_uri()`` and its experiment. A new experiment in a SQLite store
+    keeps its artifacts in ``mlruns/`` next to the database file (MLflow's default is
+    ``./mlruns`` of whatever directory the first run happens in)."""
     _require_mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "medtune"))
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "medtune")
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        store = Path(uri.removeprefix("sqlite:///")).resolve()
+        mlflow.create_experiment(name, artifact_location=(store.parent / "mlruns").as_uri())
+    mlflow.set_experiment(name)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
