@@ -258,3 +258,15 @@ def test_synth_mcqa_refuses_the_protocol_only_options(tmp_path, option):
     assert out.returncode == 2 and out.stderr.strip().startswith(
         "error: --imbalance and --label-noise shape protocol notes")
     assert not (tmp_path / "q.csv").exists()
+
+
+def test_cop_base_on_protocol_notes_is_refused_not_ignored(tmp_path):
+    data = tmp_path / "n.csv"
+    pd.DataFrame({"text": TINY_NOTES[:4], "label": ["a", "b"] * 2}).to_csv(data, index=False)
+    for args in (["data", "inspect", str(data), "--cop-base", "1"],
+                 ["data", "split", str(data), "-o", str(tmp_path / "s"), "--cop-base", "1"]):
+        out = medtune(*args)
+        assert out.returncode == 2 and out.stderr.strip() == (
+            "error: --cop-base / data.cop_base numbers multiple-choice answers: it needs --task "
+            "mcqa (protocol labels are names)"), out.stderr
+    assert not (tmp_path / "s").exists()

@@ -26,6 +26,8 @@ from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
 TASKS = ("protocol", "mcqa")
 MCQA_SHAPE = ("question", *OPTION_COLUMNS)  # the columns that make a file multiple choice
+COP_BASE_PROTOCOL = ("--cop-base / data.cop_base numbers multiple-choice answers: it needs "
+                     "--task mcqa (protocol labels are names)")
 MCQA_COLUMNS = ["id", "question", *OPTION_COLUMNS, "cop", "subject_name", "choice_type", "exp"]
 
 
@@ -242,6 +244,8 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
     rows_read, dropped_empty, dropped_empty_by_column, text_column, label_column."""
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}' (expected one of: {', '.join(TASKS)})")
+    if task == "protocol" and cop_base:
+        raise ConfigError(COP_BASE_PROTOCOL)
     df = read_table(path, max_field_bytes=max_field_bytes)
     if task == "mcqa":
         return _load_mcqa(df, path, text_column, label_column, require_labels, drop_empty,
