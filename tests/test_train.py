@@ -565,3 +565,25 @@ def test_only_rank_0_saves_the_finished_run(tiny_base, two_label_data, tmp_path,
     assert train_mod.save(other, {"steps": 1}) == other.run_dir
     assert list(other.run_dir.iterdir()) == []  # rank 1 writes nothing
     assert (tmp_path / "run" / "medtune.json").is_file()  # rank 0 did
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_anything_is_written(
+        tiny_base, two_label_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "init_distributed", lambda device: (0, 3))  # rank 0 of 3
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.batch_size=4")
+    with pytest.raises(MedtuneError, match=r"train.batch_size=4 must be divisible by 3 processes"):
+        train(cfg, two_label_data, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # a corrected rerun needs no --overwrite
+
+
+def test_errors_of_the_other_ranks_say_which_rank(monkeypatch):
+    from medtune.cli import _rank_prefix
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _rank_prefix() == ""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert _rank_prefix() == ""  # rank 0 reads as a single process
+    monkeypatch.setenv("RANK", "1")
+    assert _rank_prefix() == "[rank 1] "

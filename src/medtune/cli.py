@@ -385,6 +385,13 @@ def serve_cmd(
     )
 
 
+def _rank_prefix() -> str:
+    """"[rank N] " for the other processes of a torchrun/accelerate job (each prints its own
+    error; rank 0's reads as in a single process), "" otherwise."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" or os.environ.get("WORLD_SIZE", "1") == "1" else f"[rank {rank}] "
+
+
 def main() -> None:
     # medtune draws its own progress; the libraries' per-load bars ("Loading weights", "Writing
     # model shards", MLflow's "Downloading artifacts") only clutter it, as do MLflow's INFO lines
@@ -414,13 +421,13 @@ def main() -> None:
     except MedtuneError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:  # an unwritable or invalid path: one line naming it
         if debug or exc.strerror is None:
             raise
         where = exc.filename if exc.filename is not None else "?"
-        print(f"error: {where}: {exc.strerror}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {where}: {exc.strerror}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside typer's reach (e.g. while importing)
         print("interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from medtune.config import DataConfig
 from medtune.errors import ConfigError, DataError
 from medtune.tables import read_table, refuse_nested, shown
 from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
@@ -286,3 +287,26 @@ def _refuse_text_labels(labels: pd.Series, path: str | Path, column: str) -> Non
                         f"({len(distinct)} distinct values in {len(values)} rows, {words:.1f} "
                         "words on average): are the text and label columns swapped? Pass "
                         "--label-column to use it anyway")
+
+
+def load_for_training(path: str | Path, cfg: DataConfig, *, quiet: bool = False) -> pd.DataFrame:
+    """The examples of ``path`` for training; rows with a blank text or label are dropped, with
+    a warning (unless ``quiet``) that counts them per column, never their content."""
+    df = load_labeled(path, task=cfg.task, text_column=cfg.text_column,
+                      label_column=cfg.label_column, max_field_bytes=cfg.max_field_bytes,
+                      drop_empty=True, cop_base=cfg.cop_base)
+    dropped = {k: v for k, v in df.attrs.get("dropped_empty_by_column", {}).items() if v}
+    if dropped and not quiet:
+        where = ", ".join(f"{n} with an empty '{col}'" for col, n in dropped.items())
+        print(f"warning: {path}: {df.attrs['dropped_empty']} of {df.attrs['rows_read']} rows "
+              f"skipped ({where})", file=sys.stderr)
+    return df
+
+
+def hold_out(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation) when no validation file is given: a seeded slice of ``df``
+    (data.val_fraction; none when 0, and training then runs without validation)."""
+    frac = cfg.val_fraction
+    n_val = max(1, int(len(df) * frac)) if frac > 0 else 0
+    shuffled = df.sample(frac=1.0, random_state=cfg.seed)
+    return shuffled.iloc[n_val:], shuffled.iloc[:n_val]

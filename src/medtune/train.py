@@ -36,6 +36,7 @@ from medtune.batching import (
     steps_per_epoch,
 )
 from medtune.config import Config
+from medtune.data import hold_out, load_for_training
 from medtune.errors import MedtuneError
 from medtune.fsdp import unwrap
 from medtune.fsutil import atomic_dir, check_output_dir, prepare_output_dir, read_json, write_json
@@ -87,37 +88,18 @@ class Setup:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_split(path: str, cfg: Config):
-    """The examples of ``path``; rows with a blank text or label are dropped, with a warning
-    that counts them per column (never their content)."""
-    from medtune.data import load_labeled
-
-    df = load_labeled(path, task=cfg.data.task, text_column=cfg.data.text_column,
-                      label_column=cfg.data.label_column, max_field_bytes=cfg.data.max_field_bytes,
-                      drop_empty=True, cop_base=cfg.data.cop_base)
-    dropped = {k: v for k, v in df.attrs.get("dropped_empty_by_column", {}).items() if v}
-    if dropped and int(os.environ.get("RANK", 0)) == 0:
-        where = ", ".join(f"{n} with an empty '{col}'" for col, n in dropped.items())
-        print(f"warning: {path}: {df.attrs['dropped_empty']} of {df.attrs['rows_read']} rows "
-              f"skipped ({where})", file=sys.stderr)
-    return df
-
-
-def _split_val(df, cfg: Config):
-    """No --val: hold out a seeded slice of the training file for validation (none when
-    data.val_fraction=0: training then runs without validation)."""
-    frac = cfg.data.val_fraction
-    n_val = max(1, int(len(df) * frac)) if frac > 0 else 0
-    shuffled = df.sample(frac=1.0, random_state=cfg.data.seed)
-    return shuffled.iloc[n_val:], shuffled.iloc[:n_val]
-
-
 def _last_checkpoint(run_dir: Path) -> Path:
     """The newest complete checkpoint of ``run_dir``, for --resume; none is an error."""
     found = ckpt.complete_checkpoints(run_dir)
     if not found:
         raise MedtuneError(f"{run_dir}: --resume given but no complete checkpoint found")
     return found[-1]
+
+
+def _check_world(cfg: Config, world: int) -> None:
+    if cfg.train.batch_size % world:
+        raise MedtuneError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                           f"{world} processes")
 
 
 def _fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -137,8 +119,10 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.model.device)
     rank, world = init_distributed(device)
+    _check_world(cfg, world)
     run_dir = Path(output)
-    if rank == 0 and not resume:  # refused before any work; created once the inputs have loaded
+    if not resume:  # refused before any work, by every rank (none waits for the others at a
+        # barrier); created by rank 0 once the inputs have loaded
         check_output_dir(run_dir, overwrite, inputs=[data, val, cfg.model.base])
     if resume:
         _last_checkpoint(run_dir)  # none: refused before anything is loaded
@@ -146,11 +130,11 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         resolve_base(cfg.model.base)  # a missing base fails here, before the data is read
     if not cfg.lora.enabled and cfg.model.quantization != "none":  # before any base is built
         raise MedtuneError("full fine-tuning (lora.enabled=false) needs model.quantization=none")
-    train_df = _load_split(data, cfg)
+    train_df = load_for_training(data, cfg.data, quiet=rank != 0)
     if val:
-        val_df = _load_split(val, cfg)
+        val_df = load_for_training(val, cfg.data, quiet=rank != 0)
     else:
-        train_df, val_df = _split_val(train_df, cfg)
+        train_df, val_df = hold_out(train_df, cfg.data)
         if train_df.empty:  # before anything is built or written
             raise MedtuneError(f"{data}: no training rows left after holding out {len(val_df)} for "
                                f"validation (data.val_fraction={cfg.data.val_fraction}); give more "
@@ -294,8 +278,7 @@ def fit(s: Setup, *, resume: bool = False, progress: bool = True,
         callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
     cfg, tc = s.cfg, s.cfg.train
     callbacks = callbacks or []
-    if tc.batch_size % s.world:
-        raise MedtuneError(f"train.batch_size={tc.batch_size} must be divisible by {s.world} processes")
+    _check_world(cfg, s.world)
     spe = steps_per_epoch(len(s.train), tc.batch_size)
     total = tc.max_steps or max(1, math.ceil(spe * tc.epochs))
     params = [p for p in s.model.parameters() if p.requires_grad]
