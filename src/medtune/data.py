@@ -27,8 +27,6 @@ from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
 TASKS = ("protocol", "mcqa")
 MCQA_SHAPE = ("question", *OPTION_COLUMNS)  # the columns that make a file multiple choice
-COP_BASE_PROTOCOL = ("--cop-base / data.cop_base numbers multiple-choice answers: it needs "
-                     "--task mcqa (protocol labels are names)")
 MCQA_COLUMNS = ["id", "question", *OPTION_COLUMNS, "cop", "subject_name", "choice_type", "exp"]
 
 
@@ -191,6 +189,15 @@ def _parse_cop(value: str, row: str, path: str | Path, column: str, cop_base: in
     return index
 
 
+def check_cop_base(task: str, cop_base: int) -> None:
+    """``cop_base`` (--cop-base / data.cop_base) is 0 or 1, and only given for multiple choice."""
+    if cop_base not in (0, 1):
+        raise ConfigError(f"--cop-base must be 0 or 1, got {cop_base}")
+    if task == "protocol" and cop_base:
+        raise ConfigError("--cop-base / data.cop_base numbers multiple-choice answers: it needs "
+                          "--task mcqa (protocol labels are names)")
+
+
 def refuse_blank_options(df: pd.DataFrame, path: str | Path, source: dict[str, str | None],
                          places: list[str]) -> None:
     """One error for the first blank option (A-D) of a question: the model would read "C. "."""
@@ -204,8 +211,6 @@ def refuse_blank_options(df: pd.DataFrame, path: str | Path, source: dict[str, s
 def _load_mcqa(df: pd.DataFrame, path: str | Path, question_column: str | None,
                cop_column: str | None, require_labels: bool, drop_empty: bool,
                cop_base: int) -> pd.DataFrame:
-    if cop_base not in (0, 1):
-        raise ConfigError(f"cop_base must be 0 or 1, got {cop_base}")
     question = _find_column(df, path, "question", question_column, ["question"], True)
     assert question is not None  # required: _find_column raised otherwise
     source: dict[str, str | None] = {"question": question}
@@ -245,8 +250,7 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
     rows_read, dropped_empty, dropped_empty_by_column, text_column, label_column."""
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}' (expected one of: {', '.join(TASKS)})")
-    if task == "protocol" and cop_base:
-        raise ConfigError(COP_BASE_PROTOCOL)
+    check_cop_base(task, cop_base)
     df = read_table(path, max_field_bytes=max_field_bytes)
     if task == "mcqa":
         return _load_mcqa(df, path, text_column, label_column, require_labels, drop_empty,

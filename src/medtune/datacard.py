@@ -175,14 +175,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split_data(path: str | Path, output: str | Path, cfg: DataConfig, *, overwrite: bool = False,
-               cop_base: int | None = None) -> dict[str, Any]:
+def split_data(path: str | Path, output: str | Path, cfg: DataConfig, *,
+               overwrite: bool = False) -> dict[str, Any]:
     """Clean, dedup, filter and split ``path`` into ``output``; returns the data card."""
     path, output = Path(path), Path(output)
     existed = output.exists()
     prepare_output_dir(output, overwrite, inputs=[path])  # an output holding the input: refused
     try:
-        card, frames = _build(path, cfg, cfg.cop_base if cop_base is None else cop_base)
+        card, frames = _build(path, cfg)
         columns = ["id", "text", "label"]
         if cfg.task == "mcqa":
             columns = [*MCQA_COLUMNS, "text", "label"]
@@ -202,11 +202,10 @@ def split_data(path: str | Path, output: str | Path, cfg: DataConfig, *, overwri
     return card
 
 
-def _build(path: Path, cfg: DataConfig, cop_base: int
-           ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+def _build(path: Path, cfg: DataConfig) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
     df = load_labeled(path, task=cfg.task, text_column=cfg.text_column,
                       label_column=cfg.label_column, max_field_bytes=cfg.max_field_bytes,
-                      drop_empty=True, cop_base=cop_base)
+                      drop_empty=True, cop_base=cfg.cop_base)
     attrs = dict(df.attrs)
     fields = ["question", *OPTION_COLUMNS, "exp"] if cfg.task == "mcqa" else ["text"]
     scrubbed = 0

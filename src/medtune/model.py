@@ -319,17 +319,18 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
             raise MedtuneError(f"{path}: not a model directory (expected a medtune run, a merged "
                                "model or a Hugging Face model directory with config.json)")
         own = path / "labels.json"
-        if labels is None and not own.is_file() and task != "mcqa":
-            raise MedtuneError(f"{path}: plain base model: pass --labels labels.json for zero-shot")
-        tokenizer = load_tokenizer(path)
-        model = load_base_model(str(path), cfg, tokenizer, quantization=quantization or "none")
-        if labels is None and not own.is_file():  # multiple choice: always the four letters
+        if labels is None and not own.is_file():
+            if task != "mcqa":
+                raise MedtuneError(f"{path}: plain base model: pass --labels labels.json for "
+                                   "zero-shot")
             from medtune.tasks.mcqa import LETTERS
 
-            label_list = list(LETTERS)
-        else:
+            label_list = list(LETTERS)  # multiple choice: always the four letters
+        else:  # checked before the (slow) model load
             label_list = load_labels(labels or path)
             _check_task_labels(task, label_list, Path(labels) if labels else own)
+        tokenizer = load_tokenizer(path)
+        model = load_base_model(str(path), cfg, tokenizer, quantization=quantization or "none")
         template = default_template(task, tokenizer, label_list)
         if task == "protocol":
             template.labels_in_prompt = True  # zero-shot: the model must see the choices

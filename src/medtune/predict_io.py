@@ -175,23 +175,14 @@ def iter_records(data: str | Path, *, task: str = "protocol", text_column: str |
     """Stream ``data`` as Chunks. Columns are found (and checked) on the first chunk, so a bad
     file fails before any model is loaded. Ids: the ``id`` column, else the row number from 0
     (as ``data.load_labeled``)."""
-    from medtune.data import (
-        COP_BASE_PROTOCOL,
-        TASKS,
-        _find_column,
-        _parse_cop,
-        refuse_blank_options,
-    )
+    from medtune.data import TASKS, _find_column, _parse_cop, check_cop_base, refuse_blank_options
     from medtune.tables import DELIMITED, refuse_nested, shown
     from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
     from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}' (expected one of: {', '.join(TASKS)})")
-    if cop_base not in (0, 1):
-        raise ConfigError(f"--cop-base must be 0 or 1, got {cop_base}")
-    if task == "protocol" and cop_base:
-        raise ConfigError(COP_BASE_PROTOCOL)
+    check_cop_base(task, cop_base)
     path = Path(data)
     raw, total = _raw_chunks(path, chunk_rows)
     first = next(raw, None)
