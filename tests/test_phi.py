@@ -69,6 +69,15 @@ IDENTIFIERS = [
     ("Symptoms since 2020-03.", "2020-03", "[DATE]"),
     ("A 120 yo woman.", "120", "[AGE]"),
     ("92yF with a fall.", "92", "[AGE]"),
+    # an all-caps title after a cue word; MRS and PROF. anywhere
+    ("SEEN BY DR. SMITH TODAY", "SMITH", "[NAME]"),
+    ("REFERRED BY DR JOHN SMITH", "JOHN", "[NAME]"),
+    ("DISCUSSED WITH DR. J. OKAFOR", "OKAFOR", "[NAME]"),
+    ("PAGED DR VARGA", "VARGA", "[NAME]"),
+    ("seen by DR. Lindqvist", "Lindqvist", "[NAME]"),
+    ("SPOKE WITH MS. GARCIA NP", "GARCIA", "[NAME]"),
+    ("MRS. JONES CALLED", "JONES", "[NAME]"),
+    ("PROF. ALLEN REVIEWED", "ALLEN", "[NAME]"),
 ]
 
 CLINICAL = [
@@ -86,6 +95,8 @@ CLINICAL = [
     "Charles Bonnet syndrome.", "Per ID: 1250 mg vancomycin.", "viral load 1200000 copies/mL",
     "temperature of 101 F", "4/6 holosystolic murmur", "5/5 throughout.", "Apgars 8/9.",
     "hx of MS. Lesions stable.", "severe MR. Echo shows LVH.",
+    "DM WITH DR. NO PRIOR IMAGING.", "HX OF DR. BILATERAL LE PAIN.", "HX MS. MRI BRAIN.",
+    "SEVERE MR. ECHO TODAY.", "per MR ANGIOGRAM", "CALLED MS JONES", "PROFESSIONAL",
 ]
 
 
@@ -103,6 +114,13 @@ def test_each_identifier_type_is_scrubbed(text, secret, placeholder):
     # a name ends at its line: the next line's capitalised words and the line breaks stay
     ("Referred by Dr. Okafor\nDiagnosis Pneumonia", "Referred by Dr. [NAME]\nDiagnosis Pneumonia"),
     ("Dr. Okafor\n\nDr. Varga", "Dr. [NAME]\n\nDr. [NAME]"),
+    # a drug after a name is not part of it (it was eaten as a second surname)
+    ("Dr. Smith Lisinopril 10 mg", "Dr. [NAME] Lisinopril 10 mg"),
+    ("Pt: Mr. Jones Metoprolol", "Pt: Mr. [NAME] Metoprolol"),
+    ("Seen by Dr. Patel Lasix Daily", "Seen by Dr. [NAME] Lasix Daily"),
+    ("Mr. Lasix called.", "Mr. [NAME] called."),  # a name's only word is never taken for a drug
+    ("SEEN BY DR. SMITH TODAY, CALL DR. LEE WITH RESULTS",
+     "SEEN BY DR. [NAME] TODAY, CALL DR. [NAME] WITH RESULTS"),
 ])
 def test_every_name_in_a_note_is_scrubbed_and_lines_are_kept(text, expected):
     assert scrub_text(text) == expected

@@ -10,8 +10,9 @@ Known limits (measured by medtune.phi_synth.evaluate_scrubber): a name with no t
 ("seen by", "wife", "name:") or known first name is not found, nor a single first name after a
 cue ("wife Maria"); a city only counts as part of "City, ST 12345" or a street address; a bare
 month/day ("3/4") right after a clinical word ("strength 3/4", "x 3/4") is kept as a value;
-an all-caps title ("DR. SMITH") is not read as one (DR, MR and MS are clinical abbreviations
-too), nor is a title's name split over two lines.
+an all-caps title ("DR. SMITH") counts only after a cue word ("SEEN BY DR. SMITH", "PAGED DR
+JONES"; DR, MR and MS are clinical abbreviations too) except MRS and PROF.; a title's name split
+over two lines is not found.
 Accented and other cased letters, full-width digits and Unicode dashes are read as their ASCII
 shapes (``fold``); names in scripts without letter case (Chinese, Japanese, Arabic, ...) are
 not found.
@@ -96,6 +97,38 @@ Work Worker Hospice Nursing Pharmacy Anesthesia Renal Gi Icu Micu Sicu Ed Er Con
 Recs Recommendations Interventional Vascular Neurosurgery Ent Ob Gyn
 """) | {m for m in _MONTHS}
 
+# Drugs often written capitalised right after a name ("Dr. Smith Lisinopril 10 mg"): a name
+# ends before them. Generic and brand names; none is a common surname.
+DRUGS = _words("""
+Acetaminophen Tylenol Ibuprofen Motrin Advil Naproxen Aleve Aspirin Asa Ketorolac Toradol
+Morphine Hydromorphone Dilaudid Oxycodone Percocet Hydrocodone Norco Fentanyl Tramadol Codeine
+Gabapentin Neurontin Pregabalin Lyrica Lisinopril Losartan Amlodipine Norvasc Metoprolol
+Lopressor Toprol Carvedilol Coreg Atenolol Propranolol Labetalol Hydralazine Diltiazem Verapamil
+Furosemide Lasix Bumetanide Bumex Torsemide Spironolactone Hydrochlorothiazide Hctz Chlorthalidone
+Atorvastatin Lipitor Simvastatin Rosuvastatin Crestor Pravastatin Warfarin Coumadin Heparin
+Enoxaparin Lovenox Apixaban Eliquis Rivaroxaban Xarelto Dabigatran Pradaxa Clopidogrel Plavix
+Ticagrelor Brilinta Digoxin Amiodarone Nitroglycerin Metformin Glucophage Insulin Lantus
+Humalog Novolog Glipizide Glyburide Sitagliptin Januvia Empagliflozin Jardiance Semaglutide
+Ozempic Liraglutide Levothyroxine Synthroid Prednisone Prednisolone Methylprednisolone Solumedrol
+Dexamethasone Decadron Hydrocortisone Albuterol Proventil Ipratropium Tiotropium Spiriva
+Fluticasone Budesonide Montelukast Singulair Omeprazole Prilosec Pantoprazole Protonix
+Esomeprazole Nexium Famotidine Pepcid Ondansetron Zofran Metoclopramide Reglan Docusate Colace
+Senna Miralax Lactulose Amoxicillin Augmentin Ampicillin Unasyn Piperacillin Zosyn Cefazolin
+Ancef Ceftriaxone Rocephin Cefepime Cephalexin Keflex Vancomycin Vanco Meropenem Ciprofloxacin
+Cipro Levofloxacin Levaquin Azithromycin Zithromax Doxycycline Clindamycin Metronidazole Flagyl
+Nitrofurantoin Macrobid Bactrim Sulfamethoxazole Trimethoprim Linezolid Acyclovir Valacyclovir
+Oseltamivir Tamiflu Fluconazole Diflucan Sertraline Zoloft Fluoxetine Prozac Citalopram
+Escitalopram Lexapro Paroxetine Venlafaxine Duloxetine Cymbalta Bupropion Wellbutrin Trazodone
+Mirtazapine Quetiapine Seroquel Olanzapine Zyprexa Risperidone Haloperidol Haldol Aripiprazole
+Lorazepam Ativan Alprazolam Xanax Clonazepam Klonopin Diazepam Valium Midazolam Versed Zolpidem
+Ambien Melatonin Levetiracetam Keppra Phenytoin Dilantin Valproate Depakote Lamotrigine
+Lamictal Carbamazepine Topiramate Donepezil Aricept Memantine Carbidopa Levodopa Sinemet
+Allopurinol Colchicine Methotrexate Hydroxychloroquine Plaquenil Tamsulosin Flomax Finasteride
+Oxybutynin Potassium Magnesium Calcium Iron Ferrous Folic Thiamine Cyanocobalamin Naloxone
+Narcan Epinephrine Norepinephrine Levophed Vasopressin Dopamine Dobutamine Propofol Ketamine
+Lidocaine Tpa Alteplase Tenecteplase Gadolinium Omnipaque Iohexol Contrast
+""")
+
 _NAME_TOKEN = (r"(?:(?:Mc|Mac|O'|D')?[A-Z][a-z]+(?:[A-Z][a-z]+)?(?:['-][A-Z]?[a-z]+)*(?![A-Za-z])|"
                r"(?:[A-Z]\.){1,3}|[A-Z](?=[ \t]+[A-Z][a-z]))")
 # a title, then the name on the same line ("Dr. Smith", "Dr.Smith"); after a title an all-caps
@@ -105,6 +138,12 @@ _TITLE = r"\b(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Doctor)(?:[ \t]?\.[ \t]*|[ \t]+)"
 _NAME_SEQ = rf"{_NAME_TOKEN}(?:[ \t]+{_NAME_TOKEN}){{0,2}}"
 _TITLED_NAME = rf"(?:{_NAME_TOKEN}|[A-Z][A-Z'-]+(?![A-Za-z]))(?:[ \t]+{_NAME_TOKEN}){{0,2}}"
 _UPPER_NAME = r"[A-Z][A-Z'-]+,\s*[A-Z][A-Za-z'-]+"  # "SMITH, JOHN" / "Smith, John"
+# An all-caps title ("DR. SMITH"): DR, MR and MS are also diabetic retinopathy, mitral
+# regurgitation and multiple sclerosis, so one counts only after a cue word ("seen by", "per",
+# "called") and MR / MS / MX / MISS only with their dot; MRS and PROF. count anywhere. The name
+# is one all-caps or capitalised word, two when the first is a known first name or an initial.
+_CAPS_WORD = r"[A-Z][A-Z'-]+(?![A-Za-z])"
+_CAPS_TITLE = r"(?i:DR|DOCTOR|MRS|PROF|(?:MR|MS|MX|MISS)(?=[ \t]?\.))"  # after a cue: any case
 
 _CUE_FOR_NAME = (r"(?i:patient|pt|patient name|pt name|name|seen by|referred by|referring|"
                  r"referring physician|attending|pcp|primary care|signed by|dictated by|"
@@ -112,6 +151,10 @@ _CUE_FOR_NAME = (r"(?i:patient|pt|patient name|pt name|name|seen by|referred by|
                  r"emergency contact|wife|husband|spouse|son|daughter|mother|father|sister|"
                  r"brother|guardian|caregiver|discussed with|spoke with|d/w|per|surgeon|"
                  r"provider|physician|resident|nurse)")
+
+_CAPS_NAME = (r"(?:(?:" + "|".join(sorted(n.upper() for n in FIRST_NAMES)) + r"|[A-Z]\.?)[ \t]+"
+              + _CAPS_WORD + "|" + _NAME_SEQ + "|" + _CAPS_WORD + ")")
+_CUE_FOR_TITLE = _CUE_FOR_NAME[:-1] + r"|call(?:ed)?|pag(?:e|ed)|notif(?:y|ied)|informed)"
 
 _NO = r"(?:\s+(?:number|no\.?|#|num|id))"  # "record no.", "account #", "visit id"
 _MRN_CUES = _alt(
@@ -275,6 +318,9 @@ PATTERNS: list[Pattern] = [
        "ADDRESS", 1),
     # names: after a title, after a cue word, "Last, First", with a credential, known first names
     _p(_TITLE + "(" + _TITLED_NAME + ")", "NAME1", 1),
+    _p(r"\b" + _CUE_FOR_TITLE + r"\s*:?[ \t]+" + _CAPS_TITLE + r"(?:[ \t]?\.[ \t]*|[ \t]+)("
+       + _CAPS_NAME + ")", "NAME1", 1),
+    _p(r"\b(?:MRS|PROF(?=\.))(?:[ \t]?\.[ \t]*|[ \t]+)(" + _CAPS_NAME + ")", "NAME1", 1),
     _p(r"\b" + _CUE_FOR_NAME + r"\s*:?\s+(" + _UPPER_NAME + r"(?:\s+[A-Z]\.?)?)", "NAME", 1),
     _p(r"\b" + _CUE_FOR_NAME + r"\s*:\s*(" + _NAME_TOKEN + r",\s*" + _NAME_TOKEN +
        r"(?:\s+[A-Z]\.)?)", "NAME", 1),
@@ -294,7 +340,10 @@ def _trim_name(text: str, start: int, end: int, min_tokens: int) -> tuple[int, i
               for m in re.finditer(r"[^\s,]+", text[start:end])]
     while tokens and text[tokens[0][0]:tokens[0][1]].rstrip(".").title() in NOT_NAMES:
         tokens.pop(0)
-    while tokens and text[tokens[-1][0]:tokens[-1][1]].rstrip(".").title() in NOT_NAMES:
+    while tokens:  # a drug ends a name, but is never its first word ("Dr. Lasix")
+        last = text[tokens[-1][0]:tokens[-1][1]].rstrip(".").title()
+        if last not in NOT_NAMES and (len(tokens) == 1 or last not in DRUGS):
+            break
         tokens.pop()
     if len(tokens) < max(1, min_tokens):
         return None
