@@ -110,3 +110,17 @@ def test_processes_building_the_same_cached_base_take_turns(notes, tmp_path, mon
         job.join(60)
     assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
     assert "waiting for another process building the base" in capsys.readouterr().err
+
+
+def test_the_base_learns_no_identifier_the_notes_repeat(notes, tmp_path):
+    # an MRN and a doctor's name in every note: byte-level BPE made whole tokens of them
+    marked = [f"{n} MRN 99887766, seen by Dr. Quxworth." for n in notes]
+
+    def vocab(path: Path) -> set[str]:
+        return set(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"])
+
+    kept = vocab(build_base(marked, tmp_path / "raw", BaseSpec(**TINY), progress=False, scrub=False))
+    assert {"Ġ99887766", "ĠQuxworth"} & kept  # the control: unscrubbed, they are tokens
+    clean = vocab(build_base(marked, tmp_path / "clean", BaseSpec(**TINY), progress=False))
+    assert not any("99887766" in t or "Quxworth" in t or "Qux" in t for t in clean)
+    assert any("NAME" in t for t in clean)  # it learned the scrubbed notes: "[NAME]" in each

@@ -83,6 +83,13 @@ def test_missing_column_lists_available(tmp_path):
     assert "'note'" in error_of(detect_columns, df, path, text_column="note", label_column="answer")
 
 
+def test_a_headerless_file_does_not_show_its_first_note_as_column_names(tmp_path):
+    path = write(tmp_path / "h.csv", "a1,r/o PE MRN 99887766,L-Spine\nb2,chest pain,CT Head\n")
+    msg = error_of(load_labeled, path)
+    assert "99887766" not in msg and "r/o" not in msg
+    assert "a1" in msg and "L-Spine" in msg and "is the first line a header?" in msg
+
+
 def test_empty_text(tmp_path):
     path = write(tmp_path / "n.csv", "text,label\nfine note,A\n   ,B\n")
     msg = error_of(load_labeled, path)
@@ -470,9 +477,15 @@ def test_inspect_with_swapped_columns_prints_no_note_as_a_label(tmp_path, capsys
     path = notes_csv(tmp_path, df)
     with pytest.raises(DataError, match="are the text and label columns swapped"):
         inspect_data(path)
-    render_inspect(inspect_data(path, label_column="label"))  # insisted on: lengths only
+    summary = inspect_data(path, label_column="label")  # insisted on: lengths only
+    render_inspect(summary)
     printed = capsys.readouterr().out
     assert "hematuria" not in printed and "characters, not shown" in printed
+    as_json = json.dumps(summary)  # what --json prints: it held the notes as label names
+    assert "hematuria" not in as_json and "characters, not shown" in as_json
+    assert sum(summary["labels"].values()) == 6
+    shown_all = inspect_data(path, label_column="label", show_examples=True)  # asked for text
+    assert any("hematuria" in label for label in shown_all["labels"])
     df = df.rename(columns={"text": "label", "label": "text"})  # the right way round
     render_inspect(inspect_data(notes_csv(tmp_path, df, "right.csv")))
     assert "MRI Brain with and without contrast" in capsys.readouterr().out

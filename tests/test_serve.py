@@ -184,7 +184,12 @@ def test_too_long_note_and_batch_422_without_echo(client):
     both = client.post("/v1/predict", json={"note": "a", "notes": ["b"]}, headers=AUTH)
     assert both.status_code == 422 and "exactly one" in both.json()["message"]
     typo = client.post("/v1/predict", json={"text": "a"}, headers=AUTH)
-    assert typo.status_code == 422
+    assert typo.status_code == 422 and "text: Extra inputs" in typo.json()["message"]
+    # a note sent as a key is not echoed either (it came back in "loc" and "message")
+    keyed = client.post("/v1/predict", json={"note": "a", f"pt {SECRET} MRN 99887766": 1},
+                        headers=AUTH)
+    assert keyed.status_code == 422 and "not shown" in keyed.json()["message"]
+    assert SECRET not in keyed.text and "99887766" not in keyed.text
 
 
 def test_access_log_has_no_note_text(client, caplog):

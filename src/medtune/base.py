@@ -109,16 +109,25 @@ def _marker_key(marker: Path) -> str | None:
 
 def build_base(texts: list[str], output: str | Path | None = None, spec: BaseSpec | None = None,
                *, extra_vocab_texts: list[str] | None = None, progress: bool = True,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, scrub: bool = True) -> Path:
     """Train tokenizer + tiny Llama on ``texts`` and save to ``output`` (default: the cache).
 
     Returns the directory. A build with the same inputs is reused. An explicit ``output`` that is
     not empty and holds no such build is refused unless ``overwrite``.
+
+    scrub: replace PHI-like spans in the notes (``medtune.phi``) before anything learns from them.
+    The tokenizer's vocabulary takes whole any string the notes repeat (an MRN, a doctor's name)
+    and pretraining memorises text; the base is cached, copied into runs and merged models, and
+    logged to MLflow with them.
     """
     spec = spec or BaseSpec()
     texts = [t for t in texts if t and t.strip()]
     if len(texts) < 20:
         raise MedtuneError(f"need at least 20 non-empty notes to build the embedded base, got {len(texts)}")
+    if scrub:
+        from medtune.phi import scrub_text
+
+        texts = [scrub_text(t) for t in texts]
     key = _digest(texts + (extra_vocab_texts or []), spec)
     out = Path(output) if output else cache_root() / "bases" / key
     marker = out / "medtune_base.json"

@@ -78,6 +78,9 @@ def base_build(
     steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     overwrite: Overwrite = False,
+    scrub: Annotated[bool, typer.Option(
+        "--scrub/--no-scrub", help="Replace PHI-like spans in the notes before the tokenizer and "
+        "the model learn from them.")] = True,
 ) -> None:
     """Build the embedded tiny base (BPE tokenizer + small Llama, pretrained on the notes)."""
     from medtune.base import BaseSpec, build_base
@@ -88,7 +91,7 @@ def base_build(
     # label names join the pretraining corpus as phrases, as `medtune train` does for its cached base
     labels = sorted(set(df["label"].dropna())) if "label" in df.columns else None
     path = build_base(list(df["text"]), output, BaseSpec(steps=steps, seed=seed), overwrite=overwrite,
-                      extra_vocab_texts=labels)
+                      extra_vocab_texts=labels, scrub=scrub)
     print(path)
 
 

@@ -48,8 +48,12 @@ def __getattr__(name: str) -> Any:
 
 
 def _available(df: pd.DataFrame) -> str:
-    names = [shown(c) for c in df.columns]
+    """The column names for an error line; a name that may be a note (a file without a header
+    row makes its first row the names) is not shown, and the missing header is suggested."""
+    names = [shown(c, limit=32, words=3) for c in df.columns]
     listed = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+    if any(n.startswith("<") and n.endswith("not shown>") for n in names):
+        listed += " (is the first line a header? names that may be note text are not shown)"
     return listed or "(none)"
 
 

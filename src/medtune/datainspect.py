@@ -129,7 +129,24 @@ def inspect_data(path: str | Path, *, against: str | Path | None = None, task: s
         }
     if show_examples:
         summary["examples"] = _examples(df, keys, shared)
+    else:  # the JSON view hides what the table hides: a "label" that may be a note
+        _hide_note_labels(summary)
     return summary
+
+
+def _hide_note_labels(summary: dict[str, Any]) -> None:
+    """Replace, in place, every label of ``summary`` that may be note text (a text column passed
+    as --label-column) by its length, as the printed tables do."""
+    counts: dict[str, int] = {}
+    for label, n in summary["labels"].items():
+        counts[_label(label)] = counts.get(_label(label), 0) + n
+    summary["labels"] = counts
+    for pair in summary["near_duplicate_labels"]:
+        pair["a"], pair["b"] = _label(pair["a"]), _label(pair["b"])
+    leak = summary["leakage"]
+    if leak is not None:
+        for key in ("labels_only_here", "labels_only_there"):
+            leak[key] = [_label(x) for x in leak[key]]
 
 
 def _table(title: str, *columns: str) -> Table:

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medtune.errors import MedtuneError, describe
 from medtune.serve_asgi import Guard, MicroBatcher
+from medtune.tables import shown
 from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
 
 log = logging.getLogger("medtune.serve")
@@ -237,9 +238,11 @@ def create_app(model: Any, *, api_key: str | None = None, max_body_bytes: int = 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # the default handler echoes the offending input (a note) back; this one does not
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""),
-                   "type": e.get("type", "")} for e in exc.errors()]
+        # the default handler echoes the offending input (a note) back; this one does not, nor
+        # an unknown key that may be a note ({"<note text>": 1})
+        detail = [{"loc": [x if isinstance(x, int) else shown(x, limit=32, words=2)
+                           for x in e.get("loc", ())],
+                   "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
         return JSONResponse({"detail": detail, "message": _error_message(detail)}, 422)
 
     @app.get("/", include_in_schema=False)

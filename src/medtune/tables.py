@@ -30,9 +30,12 @@ _INTEGER = r"\d+"
 
 def shown(value: Any, limit: int = 40, words: int = 4) -> str:
     """``value`` for an error or warning line, unless it may be note text (a headerless file's
-    first row, a note in the label column): longer than ``limit`` or more than ``words`` words."""
+    first row, a note in the label column): longer than ``limit``, more than ``words`` words, or
+    holding something the PHI scrubber finds (a short note "r/o PE MRN 99887766")."""
+    from medtune.phi import find_phi
+
     text = str(value)
-    if len(text) > limit or len(text.split()) > words:
+    if len(text) > limit or len(text.split()) > words or find_phi(text):
         return f"<{len(text)} characters, not shown>"
     # one line, whatever the file holds: control characters are escaped
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
