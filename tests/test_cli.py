@@ -157,6 +157,34 @@ def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.startswith("interrupted")
 
 
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary_file(monkeypatch, capsys, tmp_path):
+    # timeout / docker stop / Slurm send SIGTERM: it killed the process where it stood, leaving
+    # `.NAME.*.tmp` files (partial predictions, split notes) behind
+    import signal
+
+    import medtune.synth
+    from medtune import cli
+    from medtune.fsutil import atomic_file
+
+    def terminated_while_writing(*args, **kwargs):
+        with atomic_file(tmp_path / "out.csv") as tmp:
+            tmp.write_text("half of it")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(medtune.synth, "synth_protocol", terminated_while_writing)
+    monkeypatch.setattr(sys, "argv", ["medtune", "data", "synth", "--n", "5", "-o",
+                                      str(tmp_path / "out.csv")])
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary file
+
+
 @pytest.mark.parametrize("args, message", [
     (["--n", "-3"], "error: --n: must be >= 1, got -3"),
     (["--n", "0"], "error: --n: must be >= 1, got 0"),  # a header-only file every step refuses
@@ -270,3 +298,14 @@ def test_cop_base_on_protocol_notes_is_refused_not_ignored(tmp_path):
             "error: --cop-base / data.cop_base numbers multiple-choice answers: it needs --task "
             "mcqa (protocol labels are names)"), out.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_split_warns_about_labels_spelled_two_ways(tmp_path):
+    rows = [(f"note about the head {i}", "CT Head without contrast" if i % 2 else
+             "ct head without contrast") for i in range(20)]
+    rows += [(f"note about the spine {i}", "MRI L-Spine") for i in range(10)]
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(tmp_path / "n.csv", index=False)
+    out = medtune("data", "split", str(tmp_path / "n.csv"), "-o", str(tmp_path / "s"),
+                  "--min-count", "2")
+    assert out.returncode == 0, out.stderr  # the card listed them; the console said nothing
+    assert "warning: 1 label pair(s) look like one label spelled two ways" in out.stderr

@@ -53,6 +53,9 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+    path.write_bytes(b"\xff\xfe train: bad")  # a traceback (UnicodeDecodeError) before
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not UTF-8 text \(byte 0\)"):
+        load_config(path)
 
 
 def test_dotted_overrides_are_coerced_to_field_types():

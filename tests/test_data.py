@@ -571,7 +571,8 @@ def test_a_medmcqa_file_read_as_protocol_notes_is_told_to_use_task_mcqa(tmp_path
     path.write_text("question,opa,opb,opc,opd,cop\nWhich?,a,b,c,d,1\n")
     assert error_of(load_labeled, path).endswith(
         "q.csv: a MedMCQA file (question, opa-opd columns) read as protocol notes: pass --task "
-        "mcqa (or data.task=mcqa), or --text-column to read one column as notes")
+        "mcqa (or data.task=mcqa; predict and evaluate: with a model trained with it), or "
+        "--text-column to read one column as notes")
 
 
 def test_a_split_medmcqa_file_read_as_protocol_is_refused_too(tmp_path):

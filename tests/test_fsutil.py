@@ -128,3 +128,32 @@ def test_an_output_file_name_that_is_a_directory_is_refused_before_any_work(tmp_
     (tmp_path / "out.csv").mkdir()  # predicted every row, then failed at the final rename
     with pytest.raises(MedtuneError, match=r"out.csv: is a directory; give a file name"):
         check_output_file(tmp_path / "out.csv", overwrite=True)
+
+
+def test_an_output_inside_an_input_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)  # `merge run -o run/adapter --overwrite` replaced it
+    for out in (run / "adapter", run / "new"):
+        with pytest.raises(MedtuneError, match="is inside the input"):
+            check_output_dir(out, overwrite=True, inputs=[run])
+    check_output_dir(tmp_path / "merged", inputs=[run])  # beside it: fine
+
+
+def test_the_current_directory_is_refused_as_an_output_directory(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # `-o .`: a traceback (". has an empty name"); `-o ..`: EBUSY
+    for out in (".", "..", str(work)):
+        with pytest.raises(MedtuneError, match="cannot be the current directory"):
+            check_output_dir(out, overwrite=True)
+    check_output_dir("sub")
+    with atomic_dir("sub") as tmp:  # a relative name works from here
+        (tmp / "f").write_text("x")
+    assert (work / "sub" / "f").read_text() == "x"
+
+
+def test_an_output_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)  # --overwrite replaced the FIFO with a regular file
+    with pytest.raises(MedtuneError, match="not a regular file"):
+        check_output_file(fifo, overwrite=True)

@@ -410,3 +410,34 @@ def test_merge_with_progress_false_shows_no_loading_or_writing_bars(qlora_run, t
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
     assert "Loading weights" in loud and "Writing model shards" in loud
     assert "Loading weights" not in quiet and "Writing model shards" not in quiet
+
+
+def test_a_damaged_or_unfinished_run_is_one_error_line_everywhere(qlora_run, tmp_path):
+    """predict/merge/register/serve on a run whose adapter file is truncated or missing gave a
+    SafetensorError or ValueError traceback (register logged it; serve started and answered 503)."""
+    import shutil
+
+    from medtune.model import check_model_path, load_for_inference
+    from medtune.registry import register
+
+    broken = tmp_path / "broken"
+    shutil.copytree(qlora_run, broken)
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    gone = tmp_path / "gone"
+    shutil.copytree(qlora_run, gone)
+    (gone / "adapter" / "adapter_config.json").unlink()
+    for run, message in ((broken, "adapter_model.safetensors: damaged weights file"),
+                         (gone, "no adapter/adapter_config.json")):
+        loaders = [check_model_path, load_for_inference, lambda r: register(r, "never"),
+                   lambda r: merge(r, tmp_path / "out")]
+        for load in loaders:  # register: refused before any store is touched
+            with pytest.raises(MedtuneError, match=message):
+                load(run)
+        assert not (tmp_path / "out").exists()
+    unfinished = tmp_path / "unfinished"  # what an interrupted train leaves
+    unfinished.mkdir()
+    for name in ("labels.json", "template.json"):
+        shutil.copy(qlora_run / name, unfinished / name)
+    with pytest.raises(MedtuneError, match="training has not finished"):
+        check_model_path(unfinished)

@@ -156,6 +156,7 @@ def test_register_run_dir_bundles_base(store, tiny_base, tmp_path):
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")  # register checks it is there
     (run / "tokenizer").mkdir()
     (run / "medtune.json").write_text(json.dumps({"kind": "run", "base": str(tiny_base),
                                                   "task": "protocol", "quantization": "none"}))

@@ -437,6 +437,10 @@ def test_serve_refuses_a_missing_model_directory_before_starting(tmp_path, monke
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(a))
     with pytest.raises(MedtuneError, match=r"nope: model directory not found"):
         serve(str(tmp_path / "nope"), port=0)
+    (tmp_path / "data").mkdir()  # a directory that is no model: it started, then 503 forever
+    (tmp_path / "data" / "train.csv").write_text("text,label\n")
+    with pytest.raises(MedtuneError, match=r"data: not a model directory"):
+        serve(str(tmp_path / "data"), port=0)
     assert started == []
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -280,6 +280,34 @@ def test_target_modules_override_adapts_exactly_those(override, expected, tiny_b
     assert adapted == expected
 
 
+def test_overwrite_keeps_the_finished_run_until_the_new_one_is_saved(tiny_base, two_label_data,
+                                                                    tmp_path):
+    from medtune.model import load_for_inference
+
+    cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=2", "train.save_every=1",
+                   "train.eval_samples=2")
+    run = train(cfg, two_label_data, tmp_path / "run", val=two_label_data, progress=False)
+    finished = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    def crash(row):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):  # the new run dies before it is saved
+        train(cfg, two_label_data, run, val=two_label_data, progress=False, overwrite=True,
+              callbacks=[crash])
+    kept = tmp_path / ".run.previous"  # it deleted the finished run before its first step
+    assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == finished
+    assert (kept / "medtune.json").is_file() and not (run / "medtune.json").exists()
+    with pytest.raises(MedtuneError, match=r"training has not finished.*--resume"):
+        load_for_inference(run)  # was "not a model directory"
+    with pytest.raises(RuntimeError, match="killed"):  # again: the finished run stays kept
+        train(cfg, two_label_data, run, val=two_label_data, progress=False, overwrite=True,
+              callbacks=[crash])
+    assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == finished
+    train(cfg, two_label_data, run, val=two_label_data, progress=False, overwrite=True)
+    assert (run / "medtune.json").is_file() and not kept.exists()  # saved: the old one goes
+
+
 def test_overwrite_starts_a_clean_run(tiny_base, two_label_data, tmp_path):
     cfg = tiny_cfg(tiny_base, "model.quantization=none", "train.max_steps=3", "train.save_every=1",
                    "train.keep_checkpoints=5", "train.eval_samples=2")
@@ -545,6 +573,12 @@ def test_rows_with_a_blank_text_or_label_are_skipped_with_a_counted_warning(
     err = capsys.readouterr().err
     assert (f"warning: {data}: 3 of {len(df)} rows skipped (1 with an empty 'text', 2 with an "
             "empty 'label')") in err
+    df["text"] = " "  # all of them: it said "no training rows left after holding out 0"
+    df.to_csv(data, index=False)
+    with pytest.raises(MedtuneError, match=rf"none of its {len(df)} rows can be trained on "
+                                           rf"\({len(df)} with an empty 'text'\)"):
+        train(cfg, str(data), tmp_path / "run2", progress=False)
+    assert not (tmp_path / "run2").exists()
 
 
 def test_only_rank_0_saves_the_finished_run(tiny_base, two_label_data, tmp_path, monkeypatch):

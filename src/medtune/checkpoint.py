@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from medtune.errors import MedtuneError, describe
 from medtune.fsdp import full_trainable_state, is_sharded, load_full_states
-from medtune.fsutil import atomic_dir, read_json, write_json
+from medtune.fsutil import atomic_dir, prepare_output_dir, read_json, write_json
 
 MARKER = "COMPLETE"
 
@@ -153,3 +153,33 @@ def config_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> lis
                   for key, value in values.items()
                   if saved.get(section, {}).get(key, value) != value
                   and f"{section}.{key}" not in SAFE_TO_CHANGE)
+
+
+def previous_run(run_dir: Path) -> Path:
+    """Where --overwrite keeps what ``run_dir`` held until the new run is saved."""
+    run_dir = run_dir.absolute()
+    return run_dir.with_name(f".{run_dir.name}.previous")
+
+
+def fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory, empty: nothing of a previous run (metrics appended to,
+    checkpoints picked by --resume, a full fine-tune's weights next to a new adapter) may leak
+    into this one. With --overwrite the previous contents move to ``previous_run`` and are
+    deleted by ``save``: a crash or Ctrl-C before then loses no finished run. Where that folder
+    exists already, an earlier replacement never finished: it keeps the run it holds and the
+    unfinished one here is emptied. ``setup`` has refused an output holding the inputs."""
+    prepare_output_dir(run_dir, overwrite)
+    if not any(run_dir.iterdir()):
+        return
+    kept = previous_run(run_dir)
+    if not kept.exists():
+        os.replace(run_dir, kept)
+        run_dir.mkdir()
+        print(f"{run_dir}: its previous contents are kept in {kept} until this run is saved",
+              file=sys.stderr)
+        return
+    for path in run_dir.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

@@ -5,6 +5,7 @@ the traceback)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -405,6 +406,9 @@ def main() -> None:
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
+    # SIGTERM (timeout, docker stop, Slurm) unwinds like Ctrl-C: temporary outputs are removed
+    # (by default it killed the process where it stood, leaving .NAME.*.tmp files of note text)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code = app(standalone_mode=False)  # click's usage errors come here, printed below
     except _CLICK.ClickException as exc:  # a bad command line: one line, like every other error

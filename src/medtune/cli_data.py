@@ -89,6 +89,10 @@ def data_split(
         print(f"warning: min_count={card['min_count']} dropped {len(card['labels_filtered'])} rare "
               f"labels ({card['rows_filtered']} rows); listed in {output / 'data_card.md'}",
               file=sys.stderr)
+    if card.get("near_duplicate_labels"):  # "CT Head" and "ct head": two classes unless merged
+        print(f"warning: {len(card['near_duplicate_labels'])} label pair(s) look like one label "
+              f"spelled two ways (case, a typo) and are kept as separate classes; listed in "
+              f"{output / 'data_card.md'}", file=sys.stderr)
 
 
 @data_app.command("synth")

@@ -299,6 +299,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         for section, values in raw.items():

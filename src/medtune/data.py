@@ -77,7 +77,8 @@ def _find_column(df: pd.DataFrame, path: str | Path, role: str, explicit: str | 
                 "label": "set --label-column", "cop": "set --label-column"
                 }.get(role, f"name the column '{role}'")
         if role in ("text", "label") and {"question", "opa", "cop"} <= set(by_lower):
-            hint = "a MedMCQA file (question, opa-opd, cop): pass --task mcqa"
+            hint = ("a MedMCQA file (question, opa-opd, cop): pass --task mcqa (predict and "
+                    "evaluate: with a model trained with it)")
         raise DataError(f"{path}: no {role} column (looked for {', '.join(candidates)}); "
                         f"available columns: {_available(df)}; {hint}")
     return None
@@ -261,8 +262,8 @@ def load_labeled(path: str | Path, *, task: str = "protocol", text_column: str |
                           cop_base)
     if text_column is None and set(MCQA_SHAPE) <= {str(c).lower() for c in df.columns}:
         raise DataError(f"{path}: a MedMCQA file (question, opa-opd columns) read as protocol "
-                        "notes: pass --task mcqa (or data.task=mcqa), or --text-column to "
-                        "read one column as notes")
+                        "notes: pass --task mcqa (or data.task=mcqa; predict and evaluate: with "
+                        "a model trained with it), or --text-column to read one column as notes")
     text = _find_column(df, path, "text", text_column, TEXT_COLUMNS, True)
     label = _find_column(df, path, "label", label_column, LABEL_COLUMNS, require_labels)
     if text == label:
@@ -304,8 +305,11 @@ def load_for_training(path: str | Path, cfg: DataConfig, *, quiet: bool = False)
                       label_column=cfg.label_column, max_field_bytes=cfg.max_field_bytes,
                       drop_empty=True, cop_base=cfg.cop_base)
     dropped = {k: v for k, v in df.attrs.get("dropped_empty_by_column", {}).items() if v}
+    where = ", ".join(f"{n} with an empty '{col}'" for col, n in dropped.items())
+    if df.empty:  # said "no training rows left after holding out 0" before
+        raise DataError(f"{path}: none of its {df.attrs['rows_read']} rows can be trained on "
+                        f"({where})")
     if dropped and not quiet:
-        where = ", ".join(f"{n} with an empty '{col}'" for col, n in dropped.items())
         print(f"warning: {path}: {df.attrs['dropped_empty']} of {df.attrs['rows_read']} rows "
               f"skipped ({where})", file=sys.stderr)
     return df

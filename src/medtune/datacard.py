@@ -22,7 +22,7 @@ from medtune import __version__
 from medtune.config import DataConfig
 from medtune.data import MCQA_COLUMNS, load_labeled, normalize_text
 from medtune.errors import ConfigError, DataError, MedtuneError
-from medtune.fsutil import atomic_dir, prepare_output_dir, write_json, write_text
+from medtune.fsutil import atomic_dir, check_output_dir, write_json, write_text
 from medtune.tasks.mcqa import OPTION_COLUMNS, format_question
 
 SPLITS = ("train", "val", "test")
@@ -179,26 +179,20 @@ def split_data(path: str | Path, output: str | Path, cfg: DataConfig, *,
                overwrite: bool = False) -> dict[str, Any]:
     """Clean, dedup, filter and split ``path`` into ``output``; returns the data card."""
     path, output = Path(path), Path(output)
-    existed = output.exists()
-    prepare_output_dir(output, overwrite, inputs=[path])  # an output holding the input: refused
-    try:
-        card, frames = _build(path, cfg)
-        columns = ["id", "text", "label"]
-        if cfg.task == "mcqa":
-            columns = [*MCQA_COLUMNS, "text", "label"]
-        labels = {"task": cfg.task, "labels": sorted(card["labels_kept"]),
-                  "counts": card["labels_kept"]}
-        with atomic_dir(output) as tmp:
-            for split in SPLITS:  # a split set to 0 (data.val_fraction=0) gets no file
-                if len(frames[split]):
-                    frames[split][columns].to_csv(tmp / f"{split}.csv", index=False)
-            write_json(tmp / "labels.json", labels)
-            write_json(tmp / "data_card.json", card)
-            write_text(tmp / "data_card.md", card_markdown(card))
-    except BaseException:
-        if not existed and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
-        raise
+    check_output_dir(output, overwrite, inputs=[path])  # an output holding the input: refused
+    card, frames = _build(path, cfg)
+    columns = ["id", "text", "label"]
+    if cfg.task == "mcqa":
+        columns = [*MCQA_COLUMNS, "text", "label"]
+    labels = {"task": cfg.task, "labels": sorted(card["labels_kept"]),
+              "counts": card["labels_kept"]}
+    with atomic_dir(output) as tmp:  # nothing exists at ``output`` until all of it does
+        for split in SPLITS:  # a split set to 0 (data.val_fraction=0) gets no file
+            if len(frames[split]):
+                frames[split][columns].to_csv(tmp / f"{split}.csv", index=False)
+        write_json(tmp / "labels.json", labels)
+        write_json(tmp / "data_card.json", card)
+        write_text(tmp / "data_card.md", card_markdown(card))
     return card
 
 

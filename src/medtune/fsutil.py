@@ -27,7 +27,7 @@ _DIR_MODE = 0o777 & ~_UMASK  # temporary file (safetensors >= 0.8, mkstemp) leav
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
+    path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -97,7 +97,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     version is kept as ``.NAME.old`` for the moment between the two renames; if a crash left only
     that, it is put back here first.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # "." has no name to put beside it
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
     if old.is_dir() and not path.exists():
@@ -143,13 +143,25 @@ def check_output_dir(path: str | Path, overwrite: bool = False,
                      inputs: Iterable[str | Path | None] = ()) -> Path:
     """Refuse a non-empty existing output directory unless ``overwrite``; create nothing (for a
     writer that builds the whole directory with ``atomic_dir``: a failure leaves no trace).
-    ``inputs``: files or directories the command reads; an output that is one of them or holds
-    one is refused even with ``overwrite`` (replacing it whole would delete the input)."""
+    ``inputs``: files or directories the command reads; an output that is one of them, holds one
+    or lies inside one is refused even with ``overwrite`` (replacing it whole would delete or
+    change the input)."""
     path = Path(path)
+    here = path.resolve()
+    # replaced whole, the current directory would leave the shell in a deleted folder
+    if Path.cwd().resolve().is_relative_to(here):
+        raise MedtuneError(f"{path}: the output directory cannot be the current directory or "
+                           "one above it; name a new directory")
     for item in inputs:
-        if item and Path(item).exists() and Path(item).resolve().is_relative_to(path.resolve()):
+        if not item or not Path(item).exists():
+            continue
+        source = Path(item).resolve()
+        if source.is_relative_to(here):
             raise MedtuneError(f"{path}: output directory is or contains the input {item}; "
                                "choose another output")
+        if source.is_dir() and here.is_relative_to(source):  # merge RUN -o RUN/adapter
+            raise MedtuneError(f"{path}: output directory is inside the input {item}; "
+                               "choose an output outside it")
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{path}: exists and is not a directory")
     _check_parents(path)
@@ -182,6 +194,8 @@ def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     _check_parents(path)
     if path.is_dir():  # refused now, not after the work when the rename fails
         raise MedtuneError(f"{path}: is a directory; give a file name for the output")
+    if path.exists() and not path.is_file():  # a FIFO, a device: never replaced by a file
+        raise MedtuneError(f"{path}: exists and is not a regular file")
     if path.exists() and not overwrite:
         raise MedtuneError(f"{path}: output file exists (pass --overwrite to replace it)")
     return path

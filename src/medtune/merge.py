@@ -17,7 +17,16 @@ import torch
 from medtune.config import ModelConfig
 from medtune.errors import MedtuneError
 from medtune.fsutil import atomic_dir, check_output_dir, write_json
-from medtune.model import DTYPES, as_trained, load_base_model, load_tokenizer, model_dir, read_meta
+from medtune.model import (
+    DTYPES,
+    as_trained,
+    check_model_path,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    model_dir,
+    read_meta,
+)
 from medtune.progress import library_bars
 from medtune.tasks import Template
 
@@ -94,14 +103,13 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float32",
 
 def _merge(run_dir: str | Path, output: str | Path, *, dtype: str, overwrite: bool,
            probe_texts: list[str] | None, source: str) -> dict[str, Any]:
-    from peft import PeftModel
-
     run_dir = model_dir(run_dir, "run directory")
     meta = read_meta(run_dir)
     if meta.get("kind") == "merged":
         raise MedtuneError(f"{run_dir}: already a merged model (no adapter to merge)")
     if meta.get("kind") != "run" or not (run_dir / "adapter").is_dir():
         raise MedtuneError(f"{run_dir}: not a finished LoRA run directory (no adapter/ or medtune.json)")
+    check_model_path(run_dir)  # an unfinished run, a damaged adapter: before the loads
     if dtype not in DTYPES:
         raise MedtuneError(f"--dtype: unknown '{dtype}' (float32, bfloat16, float16)")
     torch_dtype = DTYPES[dtype]
@@ -126,7 +134,7 @@ def _merge(run_dir: str | Path, output: str | Path, *, dtype: str, overwrite: bo
         if not copied:  # the merge would silently use the original weights
             raise MedtuneError(f"{run_dir}: its {meta['quantization']} base has no quantized layer "
                                "medtune can read back; merge with --source original")
-    peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    peft_model = load_adapter(base, run_dir / "adapter").eval()
     ref = _logits(peft_model, batch)
     merged = peft_model.merge_and_unload().eval()
     got = _logits(merged, batch)
@@ -137,7 +145,7 @@ def _merge(run_dir: str | Path, output: str | Path, *, dtype: str, overwrite: bo
     diff_4bit = None
     if quantized:
         qbase = load_base_model(meta["base"], qcfg, tokenizer)
-        qmodel = PeftModel.from_pretrained(qbase, str(run_dir / "adapter")).eval()
+        qmodel = load_adapter(qbase, run_dir / "adapter").eval()
         diff_4bit = float((_logits(qmodel, batch) - got).abs().max())
         del qmodel, qbase
     report = {"max_abs_logit_diff_vs_adapter": diff, "tolerance": tol,

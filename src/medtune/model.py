@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from medtune.config import LoraConfig, ModelConfig
-from medtune.errors import MedtuneError, first_line
+from medtune.errors import MedtuneError, describe, first_line
 from medtune.fsutil import read_json
 from medtune.tasks import Template
 
@@ -285,6 +285,54 @@ def _check_task_labels(task: str, labels: list[str], source: Path) -> None:
               "multiple-choice questions pass --task mcqa", file=sys.stderr)
 
 
+def check_weights(folder: Path) -> None:
+    """Every ``*.safetensors`` file of ``folder`` opens (header and size agree): a truncated or
+    damaged file is one error naming it, before a slow load or a registration."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # SafetensorError and OSError: both mean unreadable
+            raise MedtuneError(f"{file}: damaged weights file ({describe(exc)})") from None
+
+
+def check_model_path(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(directory, medtune.json) of a model to load, after the checks that need no loading: a
+    missing path, an unfinished run, a run without a readable adapter, a directory that is no
+    model at all. For serve and register too, which would otherwise fail later."""
+    path = model_dir(path)
+    meta = read_meta(path)
+    kind = meta.get("kind")
+    if kind is None and (path / "labels.json").is_file() and (path / "template.json").is_file() \
+            and not (path / "config.json").is_file():  # what train writes before its first step
+        raise MedtuneError(f"{path}: a run whose training has not finished (no medtune.json); "
+                           "continue it with `medtune train ... --resume` or train it again")
+    if kind == "run":
+        adapter = path / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise MedtuneError(f"{path}: run has no adapter/adapter_config.json (a damaged or "
+                               "unfinished run)")
+        check_weights(adapter)
+    elif not (path / "config.json").is_file():
+        raise MedtuneError(f"{path}: not a model directory (expected a medtune run, a merged "
+                           "model or a Hugging Face model directory with config.json)")
+    else:
+        check_weights(path)
+    return path, meta
+
+
+def load_adapter(base, adapter: Path):
+    """``base`` with the LoRA adapter saved in ``adapter``; one error line if it cannot be."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter))
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:  # shapes, keys, config
+        raise MedtuneError(f"{adapter}: cannot load the adapter ({describe(exc)})") from None
+
+
 def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
                        labels: str | Path | None = None, task: str = "protocol",
                        quantization: str | None = None) -> Loaded:
@@ -292,21 +340,16 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
     from medtune.tasks import default_template
 
     cfg = cfg or ModelConfig()
-    path = model_dir(path)
-    meta = read_meta(path)
+    path, meta = check_model_path(path)
     kind = meta.get("kind")
     if kind == "run":
-        if not (path / "adapter").is_dir():
-            raise MedtuneError(f"{path}: run has no adapter/ (training not finished?)")
-        from peft import PeftModel
-
         tokenizer = load_tokenizer(path / "tokenizer")
         # the configured compute dtype, for speed: on a CPU, fp32 (bf16 there is ~12x slower),
         # though a bf16-trained run's NF4 codes come from bf16 weights. `medtune merge`
         # rebuilds them exactly (as_trained).
         run_cfg = ModelConfig(**{**cfg.__dict__, "quantization": quantization or meta["quantization"]})
         base = load_base_model(meta["base"], run_cfg, tokenizer)
-        model = PeftModel.from_pretrained(base, str(path / "adapter"))
+        model = load_adapter(base, path / "adapter")
         template = Template.load(path)
         label_list = _trained_labels(path, labels)
     elif kind == "merged":
@@ -315,9 +358,6 @@ def load_for_inference(path: str | Path, cfg: ModelConfig | None = None, *,
         template = Template.load(path)
         label_list = _trained_labels(path, labels)
     else:
-        if not (path / "config.json").is_file():
-            raise MedtuneError(f"{path}: not a model directory (expected a medtune run, a merged "
-                               "model or a Hugging Face model directory with config.json)")
         own = path / "labels.json"
         if labels is None and not own.is_file():
             if task != "mcqa":

@@ -268,7 +268,9 @@ def register(run_dir: str | Path, name: str, alias: str = "champion") -> dict[st
     from mlflow.models import infer_signature
 
     _check_name_and_alias(name, alias)  # before anything is logged
-    model_dir = Path(run_dir)
+    from medtune.model import check_model_path
+
+    model_dir, _ = check_model_path(run_dir)  # missing, unfinished, damaged: before logging
     if not (model_dir / "labels.json").is_file() or not (model_dir / "template.json").is_file():
         raise MedtuneError(f"{model_dir}: not a medtune run or merged model directory "
                            "(labels.json / template.json missing)")

@@ -338,14 +338,15 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     _check_bind(host, api_key)
     _check_port(host, port)  # before any model is loaded or downloaded
     # a typo or a missing registered model fails now, not as a 503 behind a live server
-    if isinstance(model, str | Path) and str(model).startswith("models:/"):
-        from medtune.registry import resolve_model_uri
+    if isinstance(model, str | Path):
+        from medtune.model import check_model_path
 
-        resolve_model_uri(str(model))  # downloads into the cache; the loader finds it there
-    elif isinstance(model, str | Path):
-        from medtune.model import model_dir
+        local = str(model)
+        if local.startswith("models:/"):
+            from medtune.registry import resolve_model_uri
 
-        model_dir(model)
+            local = resolve_model_uri(local)  # downloads into the cache; the loader finds it there
+        check_model_path(local)  # not a model, unfinished, damaged: refused before uvicorn starts
     app = create_app(model, api_key=api_key, **limits)
     # connections beyond this get uvicorn's 503 before any body is read: the guard buffers up
     # to max_body_bytes per request before the app's own 429, so their number must be bounded

@@ -39,7 +39,7 @@ from medtune.config import Config
 from medtune.data import hold_out, load_for_training
 from medtune.errors import MedtuneError
 from medtune.fsdp import unwrap
-from medtune.fsutil import atomic_dir, check_output_dir, prepare_output_dir, read_json, write_json
+from medtune.fsutil import atomic_dir, check_output_dir, read_json, write_json
 from medtune.model import (
     attach_lora,
     compute_dtype,
@@ -100,18 +100,6 @@ def _check_world(cfg: Config, world: int) -> None:
     if cfg.train.batch_size % world:
         raise MedtuneError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                            f"{world} processes")
-
-
-def _fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory. With --overwrite it is emptied: nothing of a previous run
-    (metrics appended to, checkpoints picked by --resume, a full fine-tune's weights next to a new
-    adapter) may leak into this one. ``setup`` has refused an output holding the inputs."""
-    prepare_output_dir(run_dir, overwrite)
-    for path in run_dir.iterdir():
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
@@ -189,7 +177,7 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     enc = [encode_examples(template, tokenizer, list(df["text"]), list(df["label"]),
                            cfg.train.max_length, labels) for df in (train_df, val_df)]
     if rank == 0 and not resume:
-        _fresh_run_dir(run_dir, overwrite)
+        ckpt.fresh_run_dir(run_dir, overwrite)
     local = Path(base).expanduser()  # a local base is recorded absolute: found from any directory
     meta = {"kind": "run" if cfg.lora.enabled else "merged",
             "base": str(local.resolve()) if local.is_dir() else base, "task": cfg.data.task,
@@ -446,6 +434,7 @@ def save(s: Setup, summary: dict[str, Any]) -> Path:
     write_json(out / "labels.json", {"task": s.cfg.data.task, "labels": s.labels})
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     write_json(out / "medtune.json", {**s.meta, "summary": summary})
+    shutil.rmtree(ckpt.previous_run(out), ignore_errors=True)  # the run --overwrite replaced
     return out
 
 
@@ -460,8 +449,10 @@ def train(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
     try:
         summary = fit(s, resume=resume, progress=progress, callbacks=callbacks)
     except Interrupted as stopped:
+        kept = ckpt.previous_run(s.run_dir)
         raise MedtuneError(f"interrupted: checkpoint saved at step {stopped.args[0]}; "
-                           f"continue with --resume") from None
+                           "continue with --resume" + (f" (the run it replaces is in {kept} until "
+                                                       "then)" if kept.exists() else "")) from None
     with library_bars(progress):
         out = save(s, summary)
     barrier()
