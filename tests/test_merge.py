@@ -427,8 +427,16 @@ def test_a_damaged_or_unfinished_run_is_one_error_line_everywhere(qlora_run, tmp
     gone = tmp_path / "gone"
     shutil.copytree(qlora_run, gone)
     (gone / "adapter" / "adapter_config.json").unlink()
+    missing = tmp_path / "missing"  # config there, weights gone: register logged it
+    shutil.copytree(qlora_run, missing)
+    (missing / "adapter" / "adapter_model.safetensors").unlink()
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(qlora_run, bad_config)
+    (bad_config / "adapter" / "adapter_config.json").write_text("{bad")
     for run, message in ((broken, "adapter_model.safetensors: damaged weights file"),
-                         (gone, "no adapter/adapter_config.json")):
+                         (gone, "no adapter/adapter_config.json"),
+                         (missing, "adapter: no weights file"),
+                         (bad_config, "adapter_config.json: not valid JSON")):
         loaders = [check_model_path, load_for_inference, lambda r: register(r, "never"),
                    lambda r: merge(r, tmp_path / "out")]
         for load in loaders:  # register: refused before any store is touched

@@ -272,6 +272,11 @@ def test_a_directory_that_is_no_model_is_one_line(tmp_path):
     with pytest.raises(MedtuneError, match=r"data: not a model directory \(expected a medtune run"):
         load_for_inference(data_dir)
     (data_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(MedtuneError, match=r"data: no weights file"):
+        load_for_inference(data_dir)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(data_dir / "model.safetensors"))
     with pytest.raises(MedtuneError, match=r"data: cannot load its tokenizer \(") as info:
         load_for_inference(data_dir)
     assert "\n" not in str(info.value)

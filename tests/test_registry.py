@@ -156,7 +156,11 @@ def test_register_run_dir_bundles_base(store, tiny_base, tmp_path):
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
-    (run / "adapter" / "adapter_config.json").write_text("{}")  # register checks it is there
+    (run / "adapter" / "adapter_config.json").write_text("{}")  # register checks they are there
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(run / "adapter" / "adapter_model.safetensors"))
     (run / "tokenizer").mkdir()
     (run / "medtune.json").write_text(json.dumps({"kind": "run", "base": str(tiny_base),
                                                   "task": "protocol", "quantization": "none"}))

@@ -139,7 +139,10 @@ def _hide_note_labels(summary: dict[str, Any]) -> None:
     as --label-column) by its length, as the printed tables do."""
     counts: dict[str, int] = {}
     for label, n in summary["labels"].items():
-        counts[_label(label)] = counts.get(_label(label), 0) + n
+        name = _label(label)
+        if name in counts:  # two hidden labels of one length stay two entries
+            name = f"{name} #{sum(key.startswith(name) for key in counts) + 1}"
+        counts[name] = n
     summary["labels"] = counts
     for pair in summary["near_duplicate_labels"]:
         pair["a"], pair["b"] = _label(pair["a"]), _label(pair["b"])

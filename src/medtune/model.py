@@ -310,16 +310,19 @@ def check_model_path(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise MedtuneError(f"{path}: a run whose training has not finished (no medtune.json); "
                            "continue it with `medtune train ... --resume` or train it again")
     if kind == "run":
-        adapter = path / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
+        folder, config = path / "adapter", path / "adapter" / "adapter_config.json"
+        if not config.is_file():
             raise MedtuneError(f"{path}: run has no adapter/adapter_config.json (a damaged or "
                                "unfinished run)")
-        check_weights(adapter)
+        read_json(config)  # not JSON: one line naming it
     elif not (path / "config.json").is_file():
         raise MedtuneError(f"{path}: not a model directory (expected a medtune run, a merged "
                            "model or a Hugging Face model directory with config.json)")
     else:
-        check_weights(path)
+        folder = path
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise MedtuneError(f"{folder}: no weights file (*.safetensors) in it: a damaged model")
+    check_weights(folder)
     return path, meta
 
 
