@@ -21,7 +21,7 @@ import pandas as pd
 
 from medtune.config import DataConfig
 from medtune.errors import ConfigError, DataError
-from medtune.tables import read_table, refuse_nested, shown
+from medtune.tables import may_be_note, read_table, refuse_nested, shown
 from medtune.tasks.mcqa import LETTERS, OPTION_COLUMNS, format_question
 from medtune.tasks.protocol import LABEL_COLUMNS, TEXT_COLUMNS
 
@@ -52,7 +52,7 @@ def _available(df: pd.DataFrame) -> str:
     row makes its first row the names) is not shown, and the missing header is suggested."""
     names = [shown(c, limit=32, words=3) for c in df.columns]
     listed = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
-    if any(n.startswith("<") and n.endswith("not shown>") for n in names):
+    if any(may_be_note(c, limit=32, words=3) for c in df.columns):
         listed += " (is the first line a header? names that may be note text are not shown)"
     return listed or "(none)"
 

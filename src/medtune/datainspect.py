@@ -8,6 +8,7 @@ only: note text appears only with ``show_examples`` (it may hold PHI).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +139,11 @@ def _hide_note_labels(summary: dict[str, Any]) -> None:
     """Replace, in place, every label of ``summary`` that may be note text (a text column passed
     as --label-column) by its length, as the printed tables do."""
     counts: dict[str, int] = {}
+    seen: Counter[str] = Counter()
     for label, n in summary["labels"].items():
         name = _label(label)
-        if name in counts:  # two hidden labels of one length stay two entries
-            name = f"{name} #{sum(key.startswith(name) for key in counts) + 1}"
-        counts[name] = n
+        seen[name] += 1  # two hidden labels of one length stay two entries
+        counts[name if seen[name] == 1 else f"{name} #{seen[name]}"] = n
     summary["labels"] = counts
     for pair in summary["near_duplicate_labels"]:
         pair["a"], pair["b"] = _label(pair["a"]), _label(pair["b"])

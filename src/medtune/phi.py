@@ -126,7 +126,7 @@ Lamictal Carbamazepine Topiramate Donepezil Aricept Memantine Carbidopa Levodopa
 Allopurinol Colchicine Methotrexate Hydroxychloroquine Plaquenil Tamsulosin Flomax Finasteride
 Oxybutynin Potassium Magnesium Calcium Iron Ferrous Folic Thiamine Cyanocobalamin Naloxone
 Narcan Epinephrine Norepinephrine Levophed Vasopressin Dopamine Dobutamine Propofol Ketamine
-Lidocaine Tpa Alteplase Tenecteplase Gadolinium Omnipaque Iohexol Contrast
+Lidocaine Tpa Alteplase Tenecteplase Gadolinium Omnipaque Iohexol
 """)
 
 _NAME_TOKEN = (r"(?:(?:Mc|Mac|O'|D')?[A-Z][a-z]+(?:[A-Z][a-z]+)?(?:['-][A-Z]?[a-z]+)*(?![A-Za-z])|"

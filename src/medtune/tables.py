@@ -28,14 +28,20 @@ _UNNAMED = re.compile(r"^Unnamed: \d+$")
 _INTEGER = r"\d+"
 
 
-def shown(value: Any, limit: int = 40, words: int = 4) -> str:
-    """``value`` for an error or warning line, unless it may be note text (a headerless file's
-    first row, a note in the label column): longer than ``limit``, more than ``words`` words, or
-    holding something the PHI scrubber finds (a short note "r/o PE MRN 99887766")."""
+def may_be_note(value: Any, limit: int = 40, words: int = 4) -> bool:
+    """Whether ``value`` may be note text (a headerless file's first row, a note in the label
+    column): longer than ``limit``, more than ``words`` words, or holding something the PHI
+    scrubber finds (a short note "r/o PE MRN 99887766")."""
     from medtune.phi import find_phi
 
     text = str(value)
-    if len(text) > limit or len(text.split()) > words or find_phi(text):
+    return len(text) > limit or len(text.split()) > words or bool(find_phi(text))
+
+
+def shown(value: Any, limit: int = 40, words: int = 4) -> str:
+    """``value`` for an error or warning line, its length instead where it ``may_be_note``."""
+    text = str(value)
+    if may_be_note(text, limit, words):
         return f"<{len(text)} characters, not shown>"
     # one line, whatever the file holds: control characters are escaped
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

@@ -152,7 +152,8 @@ def setup(cfg: Config, data: str, output: str | Path, *, val: str | None = None,
         for turn in (0, 1):
             if (rank == 0) == (turn == 0):
                 base = str(build_base(list(train_df["text"]), extra_vocab_texts=labels,
-                                      progress=progress and rank == 0))
+                                      progress=progress and rank == 0,
+                                      scrub=not cfg.data.scrub_phi))  # scrubbed above if so
             barrier()
     tokenizer = load_tokenizer(base)
     quantized = cfg.model.quantization != "none"
